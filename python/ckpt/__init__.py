@@ -1,0 +1,51 @@
+"""ckpt: a checkpoint store for machine-learning training.
+
+Large tensors are cut into chunks, hashed (BLAKE3), deduplicated across
+versions, compressed (zstd after byte grouping) and verified on every read by
+a Rust engine; this package adds the versioned index on top.
+"""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _dist_version
+
+from . import _core
+from .errors import (
+    CheckpointError,
+    FormatError,
+    IntegrityError,
+    MissingObjectError,
+    StoreLockedError,
+    StoreNotFoundError,
+    VersionNotFoundError,
+)
+from .index import Version
+from .store import GcResult, Problem, Store, VerifyResult, VersionPinnedError
+
+__version__ = _core.__version__
+
+try:
+    _dist = _dist_version("ckpt-store")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    _dist = __version__
+if _dist != __version__:  # pragma: no cover - a stale build
+    raise ImportError(
+        f"ckpt._core is version {__version__} but the package is {_dist}; rebuild the extension"
+        " (make build)"
+    )
+
+__all__ = [
+    "CheckpointError",
+    "FormatError",
+    "GcResult",
+    "IntegrityError",
+    "MissingObjectError",
+    "Problem",
+    "Store",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "VerifyResult",
+    "Version",
+    "VersionNotFoundError",
+    "VersionPinnedError",
+    "__version__",
+]

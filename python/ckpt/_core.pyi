@@ -1,0 +1,36 @@
+# Hand-written stub of the native module (checked by mypy.stubtest in make lint).
+from os import PathLike
+
+from collections.abc import Sequence
+from typing import Any
+
+__version__: str
+
+def save_chunks(
+    root: str | PathLike[str],
+    buffers: Sequence[Any],
+    groups: Sequence[int],
+    *,
+    chunk_size: int,
+    small_threshold: int,
+    level: int,
+    min_saving: float,
+    durable: bool,
+    threads: int | None = None,
+) -> tuple[list[tuple[str, int, int, bool]], list[list[tuple[int, int, int]]]]: ...
+def restore_chunks(
+    root: str | PathLike[str],
+    chunks: Sequence[tuple[str, int]],
+    targets: Sequence[Any],
+    placements: Sequence[tuple[int, int, int, int, int]],
+    *,
+    threads: int | None = None,
+) -> None: ...
+def verify_chunks(
+    root: str | PathLike[str],
+    chunks: Sequence[tuple[str, int]],
+    *,
+    threads: int | None = None,
+) -> list[tuple[str, str] | None]: ...
+def list_objects(root: str | PathLike[str]) -> list[tuple[str, int]]: ...
+def delete_objects(root: str | PathLike[str], ids: Sequence[str], *, durable: bool = True) -> int: ...

@@ -1,0 +1,1 @@
+"""Framework adapters: the only place that knows about array libraries."""

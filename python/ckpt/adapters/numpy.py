@@ -1,0 +1,133 @@
+"""numpy arrays as stored tensors: dtype names, byte order, byte views.
+
+dtype names follow safetensors (``F32``, ``BF16``, ``F8_E4M3``, ...).
+``bfloat16`` and the float8 types come from ``ml_dtypes`` when it is
+installed; a store that holds them can only be loaded where it is.
+
+Decisions:
+    * Bytes are little-endian on disk. Big-endian arrays are converted on
+      save (a copy) and come back in native byte order.
+    * Non-contiguous arrays (slices with steps, transposes) are copied to a
+      contiguous array on save; that copy lives for the duration of the save.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DTYPE_NAMES",
+    "as_saveable",
+    "byte_view",
+    "dtype_from_name",
+    "dtype_name",
+    "group_width",
+]
+
+_BASE: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "C128": "complex128",
+}
+
+# name -> ml_dtypes attribute
+_ML_DTYPES: dict[str, str] = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E4M3B11FNUZ": "float8_e4m3b11fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+#: Every dtype name of the format (some need ml_dtypes to load).
+DTYPE_NAMES: tuple[str, ...] = tuple(_BASE) + tuple(_ML_DTYPES)
+
+_BY_DTYPE: dict[np.dtype[Any], str] = {np.dtype(v): k for k, v in _BASE.items()}
+try:  # optional: bfloat16 / float8
+    import ml_dtypes
+
+    for _name, _attr in _ML_DTYPES.items():
+        if hasattr(ml_dtypes, _attr):
+            _BY_DTYPE[np.dtype(getattr(ml_dtypes, _attr))] = _name
+except ImportError:  # pragma: no cover - exercised where ml_dtypes is absent
+    ml_dtypes = None
+
+_FLOAT_NAMES = {"F16": 2, "F32": 4, "F64": 8, "C64": 4, "C128": 8, "BF16": 2}
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """The format's name of a numpy dtype (byte order ignored).
+
+    Raises:
+        TypeError: the dtype cannot be stored (object, str, datetime,
+            structured, platform-specific long double, ...).
+    """
+    name = _BY_DTYPE.get(dtype.newbyteorder("="))
+    if name is None:
+        raise TypeError(
+            f"dtype {dtype} cannot be stored; supported: bool, int8-64, uint8-64, float16/32/64,"
+            " complex64/128, and bfloat16/float8 via ml_dtypes"
+        )
+    return name
+
+
+def dtype_from_name(name: str) -> np.dtype[Any]:
+    """The little-endian numpy dtype of a format dtype name.
+
+    Raises:
+        ValueError: the name is unknown, or needs ``ml_dtypes`` which is missing.
+    """
+    if name in _BASE:
+        return np.dtype(_BASE[name]).newbyteorder("<")
+    if name in _ML_DTYPES:
+        if ml_dtypes is None or not hasattr(ml_dtypes, _ML_DTYPES[name]):
+            raise ValueError(f"dtype {name} needs the ml_dtypes package: pip install ml_dtypes")
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+    raise ValueError(f"unknown dtype {name!r}")
+
+
+def group_width(name: str) -> int:
+    """Byte-group width for a dtype: its float component size, or 1 (no grouping)."""
+    return _FLOAT_NAMES.get(name, 1)
+
+
+def as_saveable(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A C-contiguous little-endian array with the same values (no copy when it already is)."""
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def byte_view(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A flat ``uint8`` view of a C-contiguous array (shares its memory)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def to_native(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Native byte order (a no-op on little-endian hosts)."""
+    if sys.byteorder == "big" and array.dtype.byteorder == "<":
+        return array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _itemsize_of(name: str) -> int:
+    """Item size in bytes of a format dtype name (known without ml_dtypes)."""
+    if name in _BASE:
+        return np.dtype(_BASE[name]).itemsize
+    return 2 if name == "BF16" else 1

@@ -1,0 +1,83 @@
+"""The exception hierarchy of ckpt.
+
+Every exception derives from :class:`CheckpointError` and, where it fits, from
+a builtin, so ``except KeyError`` or ``except ValueError`` still work. The
+native engine raises these same classes (``IntegrityError``, ``FormatError``,
+``MissingObjectError``); operating-system failures arrive as the builtin
+``OSError`` subclasses (``FileNotFoundError``, ``PermissionError``, ...).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "FormatError",
+    "IntegrityError",
+    "MissingObjectError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "VersionNotFoundError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by ckpt."""
+
+
+class IntegrityError(CheckpointError):
+    """Stored bytes do not match their recorded hash or length.
+
+    Attributes:
+        object: hex id of the damaged chunk, when one is known.
+        version: id of the version being read, when known.
+        tensors: leaf paths of the tensors that use the damaged chunk.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        object: str | None = None,
+        *,
+        version: int | None = None,
+        tensors: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.object = object
+        self.version = version
+        self.tensors = tensors
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MissingObjectError(IntegrityError):
+    """A chunk that a version references is not in the store."""
+
+
+class FormatError(CheckpointError, ValueError):
+    """A file of the store is not in a form this version of ckpt understands."""
+
+    def __init__(self, message: str, object: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.object = object
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class VersionNotFoundError(CheckpointError, KeyError):
+    """The requested version is not in the store."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; show the message as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreNotFoundError(CheckpointError, FileNotFoundError):
+    """The path is not a ckpt store (and ``create=False`` was given)."""
+
+
+class StoreLockedError(CheckpointError):
+    """Another writer holds the store's lock."""

@@ -1,0 +1,335 @@
+"""Manifests, version ids and the listing cache.
+
+A version exists exactly when its manifest ``versions/<12-digit id>.json`` is
+in the store (docs/format.md, "Manifest" and "Commit protocol"). Manifests are
+immutable. The listing cache ``cache/versions.jsonl`` holds one summary line
+per version; it is derived, checked against the directory listing on every
+read, and rebuilt from manifests when missing or stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import FormatError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "ListingCache",
+    "Version",
+    "decode_metrics",
+    "encode_metrics",
+    "manifest_name",
+    "parse_manifest",
+    "version_id_of",
+]
+
+MANIFEST_FORMAT = "ckpt-manifest"
+MANIFEST_VERSION = 1
+#: A manifest larger than this is refused before it is parsed.
+MAX_MANIFEST_BYTES = 256 << 20
+#: Most tensors one version may hold.
+MAX_TENSORS = 10_000_000
+_NAME = re.compile(r"^(\d{12})\.json$")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def manifest_name(version_id: int) -> str:
+    """File name of a version's manifest."""
+    return f"{version_id:012d}.json"
+
+
+def version_id_of(name: str) -> int | None:
+    """The version id of a manifest file name, or None for other files."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
+def encode_metrics(metrics: Mapping[str, object] | None) -> dict[str, int | float | str]:
+    """Validates metrics (name -> real number) into their JSON form.
+
+    Non-finite floats are written as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+
+    Raises:
+        TypeError: a name is not a string or a value is not a real number.
+    """
+    out: dict[str, int | float | str] = {}
+    for name, value in (metrics or {}).items():
+        if not isinstance(name, str):
+            raise TypeError(f"metric name {name!r} must be a str")
+        if isinstance(value, bool) or not hasattr(value, "__float__"):
+            raise TypeError(f"metric {name!r} = {value!r} is not a real number")
+        if isinstance(value, int):
+            out[name] = int(value)
+            continue
+        try:
+            f = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"metric {name!r} = {value!r} is not a real number") from exc
+        if math.isfinite(f):
+            out[name] = f
+        else:
+            out[name] = "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+    return out
+
+
+def decode_metrics(raw: object) -> dict[str, float | int]:
+    """The inverse of :func:`encode_metrics`."""
+    if not isinstance(raw, dict):
+        raise ValueError("metrics must be an object")
+    out: dict[str, float | int] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool):
+            raise ValueError(f"metric {name!r} is a bool")
+        if isinstance(value, (int, float)):
+            out[name] = value
+        elif value in ("nan", "inf", "-inf"):
+            out[name] = float(value)
+        else:
+            raise ValueError(f"metric {name!r} has value {value!r}")
+    return out
+
+
+def format_time(t: datetime) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z``."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parses :func:`format_time` output into an aware datetime."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Version:
+    """A committed version, as listed by :meth:`ckpt.Store.versions`.
+
+    Attributes:
+        id: version id (ascending in commit order).
+        step, epoch: training position given at save time (or None).
+        metrics: metric name -> number.
+        meta: user metadata (JSON).
+        created: commit time, timezone-aware UTC.
+        raw_bytes: sum of the tensor sizes of the version.
+        new_bytes: bytes this version added to the store (new chunks as stored).
+        parent: id of the previous latest version at save time.
+        n_tensors: number of tensor leaves.
+    """
+
+    id: int
+    step: int | None
+    epoch: int | None
+    metrics: Mapping[str, float | int]
+    meta: Mapping[str, Any]
+    created: datetime
+    raw_bytes: int
+    new_bytes: int
+    parent: int | None = None
+    n_tensors: int = 0
+    trainer: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON line of the listing cache."""
+        return {
+            "id": self.id,
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": encode_metrics(self.metrics),
+            "meta": dict(self.meta),
+            "created": format_time(self.created),
+            "raw_bytes": self.raw_bytes,
+            "new_bytes": self.new_bytes,
+            "parent": self.parent,
+            "n_tensors": self.n_tensors,
+            "trainer": dict(self.trainer),
+        }
+
+    @classmethod
+    def from_summary(cls, d: Mapping[str, Any]) -> Version:
+        """Builds a Version from a cache line or a manifest (same field names)."""
+        return cls(
+            id=_int(d["id"], "id"),
+            step=_opt_int(d.get("step"), "step"),
+            epoch=_opt_int(d.get("epoch"), "epoch"),
+            metrics=decode_metrics(d.get("metrics", {})),
+            meta=_obj(d.get("meta", {}), "meta"),
+            created=parse_time(d["created"]),
+            raw_bytes=_int(d.get("raw_bytes", d.get("stats", {}).get("raw_bytes", 0)), "raw_bytes"),
+            new_bytes=_int(d.get("new_bytes", d.get("stats", {}).get("new_bytes", 0)), "new_bytes"),
+            parent=_opt_int(d.get("parent"), "parent"),
+            n_tensors=_int(d.get("n_tensors", len(d.get("tensors", ()))), "n_tensors"),
+            trainer=_obj(d.get("trainer", {}), "trainer"),
+        )
+
+
+def _int(v: object, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _opt_int(v: object, what: str) -> int | None:
+    return None if v is None else _int(v, what)
+
+
+def _obj(v: object, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"{what} must be an object")
+    return v
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """Parses and validates a manifest. Loading one never runs code.
+
+    Checks the format marker and version, the types of every field, and the
+    tensor table: dtype names, shapes (checked products), ``nbytes == numel *
+    itemsize``, spans that tile each tensor and stay inside their chunk, and
+    chunk ids of 64 hex digits.
+
+    Raises:
+        FormatError: anything malformed, naming ``where`` and the field.
+    """
+    from .adapters.numpy import DTYPE_NAMES, _itemsize_of
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: manifest of {len(data)} bytes exceeds the limit")
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{where}: not a JSON manifest ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise FormatError(f"{where}: not a ckpt manifest")
+    if m.get("version") != MANIFEST_VERSION:
+        v = m.get("version")
+        if isinstance(v, int) and v > MANIFEST_VERSION:
+            raise FormatError(
+                f"{where}: manifest format {v} is newer than this ckpt reads ({MANIFEST_VERSION});"
+                " upgrade ckpt-store"
+            )
+        raise FormatError(f"{where}: unknown manifest format version {v!r}")
+    try:
+        Version.from_summary(m)
+        chunks = m["chunks"]
+        if not isinstance(chunks, list):
+            raise ValueError("chunks must be a list")
+        for c in chunks:
+            if (
+                not isinstance(c, list)
+                or len(c) != 3
+                or not isinstance(c[0], str)
+                or not _HEX.match(c[0])
+            ):
+                raise ValueError(f"bad chunk entry {c!r}")
+            _int(c[1], "chunk raw length")
+            _int(c[2], "chunk stored length")
+        tensors = m["tensors"]
+        if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+            raise ValueError("tensors must be a list of at most 10M entries")
+        for t in tensors:
+            _check_tensor(t, chunks, DTYPE_NAMES, _itemsize_of)
+        if not isinstance(m.get("tree"), dict):
+            raise ValueError("tree must be an object")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FormatError(f"{where}: malformed manifest: {exc}") from None
+    return m
+
+
+def _check_tensor(t: object, chunks: list[Any], names: Iterable[str], itemsize_of: Any) -> None:
+    if not isinstance(t, dict):
+        raise ValueError("tensor entry must be an object")
+    path = t.get("path")
+    if not isinstance(path, str):
+        raise ValueError("tensor path must be a string")
+    if t.get("dtype") not in names:
+        raise ValueError(f"tensor {path!r}: unknown dtype {t.get('dtype')!r}")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or len(shape) > 64:
+        raise ValueError(f"tensor {path!r}: shape must be a list of at most 64 dims")
+    numel = 1
+    for d in shape:
+        numel *= _int(d, f"tensor {path!r} dim")
+        if numel > 1 << 62:
+            raise ValueError(f"tensor {path!r}: shape {shape} is too large")
+    nbytes = _int(t.get("nbytes"), f"tensor {path!r} nbytes")
+    if nbytes != numel * itemsize_of(t["dtype"]):
+        raise ValueError(f"tensor {path!r}: nbytes {nbytes} != numel {numel} x itemsize")
+    spans = t.get("spans")
+    if not isinstance(spans, list):
+        raise ValueError(f"tensor {path!r}: spans must be a list")
+    total = 0
+    for s in spans:
+        if not isinstance(s, list) or len(s) != 3:
+            raise ValueError(f"tensor {path!r}: bad span {s!r}")
+        ci, off, ln = (_int(x, f"tensor {path!r} span") for x in s)
+        if ci >= len(chunks) or ln == 0 or off + ln > chunks[ci][1]:
+            raise ValueError(f"tensor {path!r}: span {s!r} lies outside its chunk")
+        total += ln
+    if total != nbytes:
+        raise ValueError(f"tensor {path!r}: spans hold {total} bytes, expected {nbytes}")
+
+
+class ListingCache:
+    """The derived listing ``cache/versions.jsonl`` of one store.
+
+    Not thread-safe by itself; the store serialises writers. Readers never
+    write it: they merge what is missing from the manifests in memory.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.path = os.path.join(root, "cache", "versions.jsonl")
+        self.versions_dir = os.path.join(root, "versions")
+
+    def committed_ids(self) -> set[int]:
+        """Ids of the manifests present now (the truth the cache is checked against)."""
+        ids = set()
+        with os.scandir(self.versions_dir) as it:
+            for entry in it:
+                vid = version_id_of(entry.name)
+                if vid is not None:
+                    ids.add(vid)
+        return ids
+
+    def read(self) -> dict[int, Version]:
+        """Cached summaries by id (undecodable lines are skipped)."""
+        out: dict[int, Version] = {}
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return out
+        for line in data.splitlines():
+            try:
+                v = Version.from_summary(json.loads(line))
+            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+                continue  # a torn last line after a crash, or damage: rebuilt from manifests
+            out[v.id] = v
+        return out
+
+    def append(self, version: Version) -> None:
+        """Adds one committed version (best effort; the cache is derived)."""
+        line = json.dumps(version.summary(), separators=(",", ":"), allow_nan=False) + "\n"
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def rewrite(self, versions: Iterable[Version]) -> None:
+        """Replaces the cache atomically with exactly ``versions``."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for v in versions:
+                    f.write(json.dumps(v.summary(), separators=(",", ":"), allow_nan=False) + "\n")
+            os.replace(tmp, self.path)

@@ -1,0 +1,721 @@
+"""The Store: save / load / list / delete / pin / gc / verify on one root.
+
+Thread- and process-safety: any number of threads and processes may read a
+store (``versions``, ``load``, ``verify``) while one writes; readers take no
+lock and never see a half-written version, because a version exists exactly
+when its manifest has been renamed into ``versions/``. Writers (``save``,
+``delete``, ``pin``, ``unpin``, ``gc``) take the store's advisory lock
+(``flock`` on ``STORE/lock``) for their whole duration, so writers in other
+processes and threads wait for each other (up to ``lock_timeout`` seconds, then
+:class:`~ckpt.errors.StoreLockedError`). The lock dies with its process: a
+killed writer leaves no stale lock, only debris in ``tmp/`` that the next
+writer sweeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import fnmatch
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .adapters import numpy as npa
+from .errors import (
+    CheckpointError,
+    FormatError,
+    IntegrityError,
+    StoreLockedError,
+    StoreNotFoundError,
+    VersionNotFoundError,
+)
+from .index import (
+    ListingCache,
+    Version,
+    encode_metrics,
+    format_time,
+    manifest_name,
+    parse_manifest,
+    version_id_of,
+)
+from .tree import flatten, unflatten
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_LEVEL",
+    "GcResult",
+    "Problem",
+    "Store",
+    "VerifyResult",
+    "VersionPinnedError",
+]
+
+STORE_FORMAT = "ckpt-store"
+STORE_VERSION = 1
+#: Raw size of a chunk (see benches/bench_store.py for the measurement behind it).
+DEFAULT_CHUNK_SIZE = 8 << 20
+#: Tensors below this size are packed together into shared chunks.
+DEFAULT_SMALL_THRESHOLD = 1 << 20
+#: zstd level of compressed planes.
+DEFAULT_LEVEL = 1
+#: A plane is stored compressed only if that saves at least this fraction.
+DEFAULT_MIN_SAVING = 0.05
+
+
+class VersionPinnedError(CheckpointError):
+    """The version is pinned; unpin it before deleting it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged chunk of a version: which tensors use it and what is wrong."""
+
+    chunk: str
+    kind: str
+    message: str
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of verifying one version."""
+
+    version: int
+    problems: tuple[Problem, ...]
+    chunks: int
+    bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """Outcome of a garbage collection."""
+
+    deleted_objects: int
+    freed_bytes: int
+    kept_objects: int
+
+
+class Store:
+    """A versioned checkpoint store on a local directory.
+
+    Args:
+        root: the store directory; created (with its layout) if missing.
+        create: when False, a missing store is an error instead.
+        chunk_size: raw bytes per chunk of large tensors.
+        small_threshold: tensors smaller than this are packed together.
+        level: zstd level for compressible byte planes.
+        min_saving: a plane is compressed only if that saves this fraction.
+        durable: fsync chunks, manifests and directories (False: scratch use).
+        threads: worker threads for hashing and compression (None: all cores).
+        lock_timeout: seconds a writer waits for the store lock.
+
+    Raises:
+        StoreNotFoundError: ``create=False`` and ``root`` is not a store.
+        FormatError: ``root`` holds a store of an unknown or newer format, or
+            is a non-empty directory that is not a store.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        small_threshold: int = DEFAULT_SMALL_THRESHOLD,
+        level: int = DEFAULT_LEVEL,
+        min_saving: float = DEFAULT_MIN_SAVING,
+        durable: bool = True,
+        threads: int | None = None,
+        lock_timeout: float = 60.0,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.chunk_size = int(chunk_size)
+        self.small_threshold = min(int(small_threshold), self.chunk_size)
+        self.level = int(level)
+        self.min_saving = float(min_saving)
+        self.durable = bool(durable)
+        self.threads = threads
+        self.lock_timeout = float(lock_timeout)
+        self._thread_lock = threading.RLock()
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+        self._open(create)
+        self._cache = ListingCache(self.root)
+
+    # ----------------------------------------------------------------- layout
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def _open(self, create: bool) -> None:
+        marker = self._p("ckpt-store.json")
+        if not os.path.exists(marker):
+            if not create:
+                raise StoreNotFoundError(
+                    errno.ENOENT, f"{self.root} is not a ckpt store (no ckpt-store.json)", self.root
+                )
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise FormatError(
+                    f"{self.root} is a non-empty directory that is not a ckpt store;"
+                    " choose an empty or new directory"
+                )
+            os.makedirs(self.root, exist_ok=True)
+            for d in ("objects", "versions", "pins", "tmp", "cache"):
+                os.makedirs(self._p(d), exist_ok=True)
+            info = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now_text()}
+            self._write_atomic(marker, json.dumps(info, indent=1).encode() + b"\n")
+            self._fsync_dir(self.root)
+            return
+        try:
+            with open(marker, "rb") as f:
+                info = json.loads(f.read(1 << 16))
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{marker}: unreadable store marker ({exc})") from None
+        if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
+            raise FormatError(f"{marker}: not a ckpt store marker")
+        v = info.get("version")
+        if v != STORE_VERSION:
+            if isinstance(v, int) and v > STORE_VERSION:
+                raise FormatError(
+                    f"{self.root} was written by a newer ckpt (store format {v}; this one reads"
+                    f" {STORE_VERSION}); upgrade ckpt-store"
+                )
+            raise FormatError(f"{marker}: unknown store format version {v!r}")
+        for d in ("objects", "versions", "pins", "tmp", "cache"):
+            if not os.path.isdir(self._p(d)):
+                if d in ("objects", "versions"):
+                    raise FormatError(f"{self.root}: store layout is damaged ({d}/ is missing)")
+                with contextlib.suppress(OSError):
+                    os.makedirs(self._p(d), exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    # ------------------------------------------------------------------ files
+    def _fsync_dir(self, path: str) -> None:
+        if not self.durable:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_atomic(self, final: str, data: bytes) -> None:
+        """Temp file in tmp/ (O_EXCL, no symlinks), fsync, rename; caller fsyncs the dir."""
+        tmp_dir = self._p("tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        tmp = os.path.join(
+            tmp_dir, f"{os.path.basename(final)}.{os.getpid()}.{threading.get_ident()}.tmp"
+        )
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        """The store's writer lock (re-entrant within this Store object)."""
+        with self._thread_lock:
+            if self._lock_depth == 0:
+                self._acquire_flock()
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    self._release_flock()
+
+    def _acquire_flock(self) -> None:
+        path = self._p("lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = ""
+                    with contextlib.suppress(OSError):
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"{self.root} is locked by another writer ({holder or 'unknown holder'});"
+                        f" waited {self.lock_timeout:g} s. Retry later or raise lock_timeout."
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._sweep_tmp()
+
+    def _release_flock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _sweep_tmp(self) -> None:
+        """Removes debris of dead writers (only called under the writer lock)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._p("tmp")) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                        os.unlink(entry.path)
+
+    # ----------------------------------------------------------------- saving
+    def save(
+        self,
+        tree: object,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: dict[str, float] | None = None,
+        meta: dict[str, Any] | None = None,
+        trainer: dict[str, Any] | None = None,
+    ) -> Version:
+        """Saves ``tree`` as a new version and returns it.
+
+        Chunks already in the store are not written again, so unchanged
+        tensors cost (almost) nothing. The version exists once this returns
+        (with ``durable=True``, also after a power loss).
+
+        Args:
+            tree: nested dict/list/tuple of numpy arrays and JSON scalars.
+            step, epoch: training position (non-negative ints), for listing.
+            metrics: metric name -> real number.
+            meta: any JSON-serialisable dict (e.g. git commit, config).
+            trainer: state of the training loop (early stopping, counters).
+
+        Raises:
+            TypeError: a leaf, key, metric or meta value cannot be stored (the
+                message names it); nothing is written.
+            StoreLockedError: another writer kept the lock past ``lock_timeout``.
+            OSError: the file system failed; no version is committed.
+        """
+        started = time.perf_counter()
+        for name, value in (("step", step), ("epoch", epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
+        enc_metrics = encode_metrics(metrics)
+        meta = dict(meta or {})
+        trainer = dict(trainer or {})
+        for what, obj in (("meta", meta), ("trainer", trainer)):
+            try:
+                json.dumps(obj, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{what} must be JSON-serialisable (no NaN): {exc}") from None
+        skeleton, leaves = flatten(tree)
+        arrays, names = [], []
+        for leaf in leaves:
+            try:
+                names.append(npa.dtype_name(leaf.array.dtype))
+            except TypeError as exc:
+                raise TypeError(f"leaf {leaf.path!r}: {exc}") from None
+            arrays.append(npa.as_saveable(leaf.array))
+        views = [npa.byte_view(a) for a in arrays]
+        groups = [npa.group_width(n) for n in names]
+
+        with self._writer():
+            existing = self._cache.committed_ids()
+            new_id = max(existing, default=0) + 1
+            parent = max(existing) if existing else None
+            chunks, spans = _core.save_chunks(
+                self.root,
+                views,
+                groups,
+                chunk_size=self.chunk_size,
+                small_threshold=self.small_threshold,
+                level=self.level,
+                min_saving=self.min_saving,
+                durable=self.durable,
+                threads=self.threads,
+            )
+            tensors = [
+                {
+                    "path": leaf.path,
+                    "dtype": name,
+                    "shape": list(a.shape),
+                    "nbytes": int(a.nbytes),
+                    "spans": [list(s) for s in sp],
+                    **({"scalar": True} if leaf.scalar else {}),
+                }
+                for leaf, name, a, sp in zip(leaves, names, arrays, spans, strict=True)
+            ]
+            raw_bytes = sum(int(a.nbytes) for a in arrays)
+            new_bytes = sum(c[2] for c in chunks if c[3])
+            created = datetime.now(timezone.utc)
+            manifest = {
+                "format": "ckpt-manifest",
+                "version": 1,
+                "id": new_id,
+                "parent": parent,
+                "created": format_time(created),
+                "step": step,
+                "epoch": epoch,
+                "metrics": enc_metrics,
+                "meta": meta,
+                "trainer": trainer,
+                "tree": skeleton,
+                "tensors": tensors,
+                "chunks": [[c[0], c[1], c[2]] for c in chunks],
+                "stats": {
+                    "raw_bytes": raw_bytes,
+                    "new_bytes": new_bytes,
+                    "new_chunks": sum(1 for c in chunks if c[3]),
+                    "seconds": round(time.perf_counter() - started, 6),
+                },
+            }
+            data = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+            final = self._p("versions", manifest_name(new_id))
+            self._write_atomic(final, data)  # the commit point
+            self._fsync_dir(self._p("versions"))
+            version = Version.from_summary(manifest)
+            self._cache.append(version)
+        return version
+
+    # ---------------------------------------------------------------- listing
+    def versions(self) -> list[Version]:
+        """Every committed version, ascending by id (served from the listing cache)."""
+        ids = self._cache.committed_ids()
+        cached = self._cache.read()
+        missing = ids - cached.keys()
+        for vid in sorted(missing):
+            with contextlib.suppress(VersionNotFoundError):
+                cached[vid] = Version.from_summary(self.manifest(vid))
+        result = [cached[i] for i in sorted(ids) if i in cached]
+        stale = len(cached) - len(result)
+        if (missing or stale) and self._lock_fd is None:
+            # Refresh the derived cache when we can take the lock at once.
+            with contextlib.suppress(StoreLockedError, OSError), self._try_writer():
+                self._cache.rewrite(result)
+        return result
+
+    @contextlib.contextmanager
+    def _try_writer(self) -> Iterator[None]:
+        saved, self.lock_timeout = self.lock_timeout, 0.0
+        try:
+            with self._writer():
+                self.lock_timeout = saved
+                yield
+        finally:
+            self.lock_timeout = saved
+
+    def latest(self) -> Version | None:
+        """The newest version (the resume target), or None for an empty store."""
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def best(self, metric: str, mode: str = "min") -> Version | None:
+        """The version with the best value of ``metric``.
+
+        Versions without the metric, or with a NaN value, are ignored; ties go
+        to the earliest version.
+
+        Raises:
+            ValueError: ``mode`` is not "min" or "max".
+        """
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        best: Version | None = None
+        for v in self.versions():
+            value = v.metrics.get(metric)
+            if value is None or value != value:
+                continue
+            if best is None:
+                best = v
+                continue
+            current = best.metrics[metric]
+            if (mode == "min" and value < current) or (mode == "max" and value > current):
+                best = v
+        return best
+
+    def resolve(self, ref: int | Version | str | None) -> int:
+        """The id of a version given as id, Version, "latest", "best:METRIC[:max]", "step=N".
+
+        Raises:
+            VersionNotFoundError: no such version.
+        """
+        if ref is None or ref == "latest":
+            v = self.latest()
+            if v is None:
+                raise VersionNotFoundError(f"{self.root} has no versions yet")
+            return v.id
+        if isinstance(ref, Version):
+            return ref.id
+        if isinstance(ref, str):
+            if ref.isdigit():
+                return self.resolve(int(ref))
+            if ref.startswith("step="):
+                step = int(ref[5:])
+                matches = [v for v in self.versions() if v.step == step]
+                if not matches:
+                    raise VersionNotFoundError(f"{self.root} has no version at step {step}")
+                return matches[-1].id
+            raise VersionNotFoundError(f"unknown version reference {ref!r}")
+        if isinstance(ref, bool) or not isinstance(ref, int):
+            raise TypeError(f"a version is an int id, a Version or a str, not {type(ref).__name__}")
+        if not os.path.exists(self._p("versions", manifest_name(ref))):
+            raise VersionNotFoundError(f"version {ref} is not in {self.root}")
+        return ref
+
+    def manifest(self, ref: int | Version | str | None = None) -> dict[str, Any]:
+        """The validated manifest of a version, as a dict.
+
+        Raises:
+            VersionNotFoundError: no such version.
+            FormatError: the manifest is malformed or from a newer format.
+        """
+        vid = self.resolve(ref) if not isinstance(ref, int) or isinstance(ref, bool) else ref
+        path = self._p("versions", manifest_name(vid))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VersionNotFoundError(f"version {vid} is not in {self.root}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FormatError(f"{path} is a symlink; refusing to follow it") from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(256 << 20 | 1)
+        m = parse_manifest(data, f"version {vid}")
+        if m["id"] != vid:
+            raise FormatError(f"version {vid}: manifest records id {m['id']}")
+        return m
+
+    # ---------------------------------------------------------------- loading
+    def load(
+        self,
+        version: int | Version | str | None = None,
+        *,
+        only: str | Sequence[str] | None = None,
+    ) -> Any:
+        """Restores a version's tree (latest by default), verifying every byte.
+
+        Args:
+            version: id, :class:`Version`, "latest", "step=N" (default latest).
+            only: glob pattern(s) over leaf paths (``fnmatch``; ``*`` crosses
+                ``/``). Only matching leaves are read; containers left empty
+                are dropped and sequences keep their matching items in order.
+
+        Raises:
+            VersionNotFoundError: no such version (or an empty store).
+            IntegrityError: a chunk is damaged or missing; the message names
+                the version, the tensors and the chunk.
+            FormatError: the manifest or a chunk header is malformed.
+        """
+        vid = self.resolve(version)
+        m = self.manifest(vid)
+        patterns = [only] if isinstance(only, str) else list(only) if only is not None else None
+
+        def keep(path: str) -> bool:
+            return patterns is None or any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+        from .tree import iter_tensor_nodes
+
+        wanted = {i for path, i in iter_tensor_nodes(m["tree"]) if keep(path)}
+        tensors = m["tensors"]
+        if any(i >= len(tensors) for i in wanted):
+            raise FormatError(f"version {vid}: tree refers to a tensor that is not in the table")
+        arrays: dict[int, np.ndarray[Any, Any]] = {}
+        for i in sorted(wanted):
+            t = tensors[i]
+            try:
+                dtype = npa.dtype_from_name(t["dtype"])
+            except ValueError as exc:
+                raise FormatError(f"version {vid}: tensor {t['path']!r}: {exc}") from None
+            arrays[i] = np.empty(tuple(t["shape"]), dtype=dtype)
+        self._read_tensors(vid, m, arrays)
+        out: dict[int, object] = {}
+        for i, a in arrays.items():
+            a = npa.to_native(a)
+            out[i] = a[()] if tensors[i].get("scalar") else a
+        try:
+            return unflatten(m["tree"], out, keep if patterns is not None else None)
+        except ValueError as exc:
+            raise FormatError(f"version {vid}: malformed tree: {exc}") from None
+
+    def _read_tensors(self, vid: int, m: dict[str, Any], arrays: dict[int, np.ndarray[Any, Any]]) -> None:
+        chunk_table = m["chunks"]
+        used: dict[int, int] = {}
+        placements = []
+        order = sorted(arrays)
+        for target, i in enumerate(order):
+            offset = 0
+            for ci, coff, ln in m["tensors"][i]["spans"]:
+                local = used.setdefault(ci, len(used))
+                placements.append((local, coff, ln, target, offset))
+                offset += ln
+        chunks = [(chunk_table[ci][0], chunk_table[ci][1]) for ci in used]
+        targets = [npa.byte_view(arrays[i]) for i in order]
+        try:
+            _core.restore_chunks(self.root, chunks, targets, placements, threads=self.threads)
+        except IntegrityError as exc:
+            raise self._located(exc, vid, m) from None
+        except ValueError as exc:
+            raise FormatError(f"version {vid}: {exc}") from None
+
+    def _located(self, exc: IntegrityError, vid: int, m: dict[str, Any]) -> IntegrityError:
+        """The same error class, naming the version and the tensors using the chunk."""
+        obj = exc.object
+        idx = [i for i, c in enumerate(m["chunks"]) if c[0] == obj]
+        paths = tuple(
+            t["path"] for t in m["tensors"] if any(s[0] in idx for s in t["spans"])
+        )
+        shown = ", ".join(repr(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+        message = f"version {vid}: tensor {shown}: {exc.message}" if paths else f"version {vid}: {exc.message}"
+        return type(exc)(message, obj, version=vid, tensors=paths)
+
+    # ---------------------------------------------------------------- verify
+    def verify(self, version: int | Version | str | None = None) -> list[VerifyResult]:
+        """Re-reads and re-hashes every chunk of every version (or of one).
+
+        Each distinct chunk is read once even when versions share it. Never raises
+        for damage: it reports it.
+
+        Returns:
+            One :class:`VerifyResult` per version, ascending by id.
+        """
+        if version is None:
+            ids = sorted(self._cache.committed_ids())
+        else:
+            ids = [self.resolve(version)]
+        manifests: dict[int, dict[str, Any] | FormatError] = {}
+        chunk_set: dict[str, int] = {}
+        for vid in ids:
+            try:
+                m = self.manifest(vid)
+            except FormatError as exc:
+                manifests[vid] = exc
+                continue
+            except VersionNotFoundError:
+                continue
+            manifests[vid] = m
+            for c in m["chunks"]:
+                chunk_set.setdefault(c[0], c[1])
+        items = sorted(chunk_set.items())
+        report = _core.verify_chunks(self.root, items, threads=self.threads) if items else []
+        damage = {cid: r for (cid, _), r in zip(items, report, strict=True) if r is not None}
+        results = []
+        for vid, m in manifests.items():
+            if isinstance(m, FormatError):
+                results.append(VerifyResult(vid, (Problem("", "format", str(m), ()),), 0, 0))
+                continue
+            problems = []
+            for ci, c in enumerate(m["chunks"]):
+                if c[0] in damage:
+                    kind, message = damage[c[0]]
+                    paths = tuple(t["path"] for t in m["tensors"] if any(s[0] == ci for s in t["spans"]))
+                    problems.append(Problem(c[0], kind, message, paths))
+            results.append(
+                VerifyResult(vid, tuple(problems), len(m["chunks"]), sum(c[1] for c in m["chunks"]))
+            )
+        return results
+
+    # ------------------------------------------------------ deleting and pins
+    def pinned(self) -> set[int]:
+        """Ids of pinned versions (GC roots that delete and retention never remove)."""
+        out = set()
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._p("pins")) as it:
+            for entry in it:
+                vid = version_id_of(entry.name)
+                if vid is not None:
+                    out.add(vid)
+        return out
+
+    def pin(self, version: int | Version | str) -> None:
+        """Pins a version so that it is never deleted."""
+        with self._writer():
+            vid = self.resolve(version)
+            path = self._p("pins", manifest_name(vid))
+            if not os.path.exists(path):
+                self._write_atomic(path, b"{}\n")
+                self._fsync_dir(self._p("pins"))
+
+    def unpin(self, version: int | Version | str) -> None:
+        """Removes a pin (no-op when the version is not pinned)."""
+        with self._writer():
+            vid = self.resolve(version)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._p("pins", manifest_name(vid)))
+                self._fsync_dir(self._p("pins"))
+
+    def delete(self, version: int | Version | str) -> None:
+        """Deletes a version's manifest; its chunks go at the next :meth:`gc`.
+
+        Raises:
+            VersionNotFoundError: no such version.
+            VersionPinnedError: the version is pinned.
+        """
+        with self._writer():
+            vid = self.resolve(version)
+            if vid in self.pinned():
+                raise VersionPinnedError(f"version {vid} is pinned; unpin it before deleting it")
+            os.unlink(self._p("versions", manifest_name(vid)))
+            self._fsync_dir(self._p("versions"))
+
+    def gc(self) -> GcResult:
+        """Deletes every chunk that no committed version references.
+
+        Runs under the writer lock, so no save is in flight. If any manifest
+        cannot be read, nothing is deleted (its chunks might be referenced).
+
+        Raises:
+            FormatError: a manifest is unreadable; fix or delete it first.
+        """
+        with self._writer():
+            referenced: set[str] = set()
+            for vid in sorted(self._cache.committed_ids()):
+                try:
+                    m = self.manifest(vid)
+                except FormatError as exc:
+                    raise FormatError(
+                        f"gc stopped before deleting anything: {exc}; a damaged manifest may"
+                        " reference chunks (delete or repair that version first)"
+                    ) from None
+                referenced.update(c[0] for c in m["chunks"])
+            objects = _core.list_objects(self.root)
+            garbage = [oid for oid, _ in objects if oid not in referenced]
+            freed = _core.delete_objects(self.root, garbage, durable=self.durable) if garbage else 0
+            return GcResult(len(garbage), freed, len(objects) - len(garbage))
+
+    def stored_bytes(self) -> int:
+        """Bytes of every chunk object in the store (what the store occupies)."""
+        return sum(n for _, n in _core.list_objects(self.root))
+
+
+def _now_text() -> str:
+    return format_time(datetime.now(timezone.utc))
+

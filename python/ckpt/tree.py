@@ -1,0 +1,226 @@
+"""Flattening a state tree into leaves and back.
+
+A state tree is nested ``dict`` / ``list`` / ``tuple`` whose leaves are arrays
+(numpy, or whatever an adapter turns into numpy) or JSON-like scalars
+(``int``, ``float``, ``bool``, ``str``, ``None``). :func:`flatten` turns it
+into a JSON skeleton, where every array is replaced by ``{"t": "tensor", "i":
+k}``, plus the list of arrays; :func:`unflatten` reverses it. Keys keep their
+type (``int`` dict keys stay ints, tuples stay tuples); ``dict`` subclasses
+such as ``OrderedDict`` come back as plain ``dict`` (insertion order kept).
+
+Leaf paths join the keys with ``/``; inside a key ``~`` is written ``~0`` and
+``/`` is written ``~1`` (as in JSON Pointer), so every path is unambiguous.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAX_DEPTH", "Leaf", "escape_key", "flatten", "iter_tensor_nodes", "unflatten"]
+
+#: Deepest nesting of containers accepted on save and on load.
+MAX_DEPTH = 64
+
+Node = dict[str, Any]
+
+
+class Leaf:
+    """An array leaf found by :func:`flatten`: its path and the array itself."""
+
+    __slots__ = ("array", "path", "scalar")
+
+    def __init__(self, path: str, array: np.ndarray[Any, Any], scalar: bool) -> None:
+        self.path = path
+        self.array = array
+        self.scalar = scalar
+
+
+def escape_key(key: str | int) -> str:
+    """Path component of a dict key or sequence index."""
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _join(prefix: str, key: str | int) -> str:
+    part = escape_key(key)
+    return f"{prefix}/{part}" if prefix else part
+
+
+def _float_node(value: float) -> Node:
+    if math.isfinite(value):
+        return {"t": "float", "v": value}
+    return {"t": "float", "v": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+
+
+def _describe(obj: object) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+
+
+def flatten(
+    tree: object, to_array: Callable[[str, object], np.ndarray[Any, Any] | None] | None = None
+) -> tuple[Node, list[Leaf]]:
+    """Splits ``tree`` into a JSON skeleton and its array leaves.
+
+    Args:
+        tree: the state tree.
+        to_array: optional hook that turns a framework object (e.g. a torch
+            tensor) into a numpy array, or returns ``None`` when it does not
+            recognise it.
+
+    Returns:
+        ``(skeleton, leaves)``; ``skeleton`` is JSON-serialisable.
+
+    Raises:
+        TypeError: a leaf or key is of an unsupported type (the message names
+            its path), or the tree nests deeper than :data:`MAX_DEPTH`.
+    """
+    leaves: list[Leaf] = []
+
+    def walk(obj: object, path: str, depth: int) -> Node:
+        if depth > MAX_DEPTH:
+            raise TypeError(
+                f"the state tree nests deeper than {MAX_DEPTH} levels at {path or '<root>'!r}"
+                " (is there a reference cycle?)"
+            )
+        if isinstance(obj, np.generic):  # before float: np.float64 subclasses float
+            leaves.append(Leaf(path, np.asarray(obj), scalar=True))
+            return {"t": "tensor", "i": len(leaves) - 1}
+        if obj is None:
+            return {"t": "none"}
+        if isinstance(obj, bool):
+            return {"t": "bool", "v": obj}
+        if isinstance(obj, int):
+            return {"t": "int", "v": int(obj)}
+        if isinstance(obj, float):
+            return _float_node(float(obj))
+        if isinstance(obj, str):
+            return {"t": "str", "v": obj}
+        if isinstance(obj, np.ndarray):
+            leaves.append(Leaf(path, obj, scalar=False))
+            return {"t": "tensor", "i": len(leaves) - 1}
+        if isinstance(obj, dict):
+            keys: list[str | int] = []
+            values: list[Node] = []
+            for key, value in obj.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise TypeError(
+                        f"dict key {key!r} at {path or '<root>'!r} is a {_describe(key)};"
+                        " keys must be str or int"
+                    )
+                keys.append(key if isinstance(key, str) else int(key))
+                values.append(walk(value, _join(path, key), depth + 1))
+            return {"t": "dict", "k": keys, "v": values}
+        if isinstance(obj, (list, tuple)):
+            items = [walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+            return {"t": "tuple" if isinstance(obj, tuple) else "list", "v": items}
+        if to_array is not None:
+            array = to_array(path, obj)
+            if array is not None:
+                leaves.append(Leaf(path, array, scalar=False))
+                return {"t": "tensor", "i": len(leaves) - 1}
+        raise TypeError(
+            f"leaf {path or '<root>'!r} is a {_describe(obj)}, which ckpt cannot store without"
+            " pickle; a state tree holds dict/list/tuple of arrays, int, float, bool, str and"
+            " None (convert objects to their state_dict() or to arrays first)"
+        )
+
+    return walk(tree, "", 0), leaves
+
+
+def iter_tensor_nodes(node: Node, path: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
+    """Yields ``(path, tensor index)`` for every tensor node of a skeleton."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"tree nests deeper than {MAX_DEPTH} levels")
+    t = node.get("t")
+    if t == "tensor":
+        yield path, int(node["i"])
+    elif t == "dict":
+        for key, value in zip(node["k"], node["v"], strict=True):
+            yield from iter_tensor_nodes(value, _join(path, key), depth + 1)
+    elif t in ("list", "tuple"):
+        for i, value in enumerate(node["v"]):
+            yield from iter_tensor_nodes(value, _join(path, i), depth + 1)
+
+
+_MISSING = object()
+
+
+def unflatten(
+    node: Node,
+    tensors: dict[int, object],
+    keep: Callable[[str], bool] | None = None,
+) -> object:
+    """Rebuilds a tree from its skeleton and the loaded tensors.
+
+    Args:
+        node: the skeleton made by :func:`flatten` (from a manifest).
+        tensors: loaded tensors by index.
+        keep: when given, only leaves whose path it accepts are rebuilt;
+            containers left empty by the selection are dropped (except the root).
+
+    Raises:
+        ValueError: the skeleton is malformed (unknown node type, bad keys,
+            too deep, a tensor index that was not loaded).
+    """
+
+    def build(n: Node, path: str, depth: int) -> object:
+        if depth > MAX_DEPTH:
+            raise ValueError(f"tree nests deeper than {MAX_DEPTH} levels")
+        if not isinstance(n, dict):
+            raise ValueError(f"malformed tree node at {path!r}")
+        t = n.get("t")
+        if t in ("dict", "list", "tuple"):
+            if t == "dict":
+                keys = n.get("k")
+                values = n.get("v")
+                if not isinstance(keys, list) or not isinstance(values, list):
+                    raise ValueError(f"malformed dict node at {path!r}")
+                if len(keys) != len(values):
+                    raise ValueError(f"dict node at {path!r} has {len(keys)} keys, {len(values)} values")
+                out: dict[str | int, object] = {}
+                for key, value in zip(keys, values, strict=True):
+                    if isinstance(key, bool) or not isinstance(key, (str, int)):
+                        raise ValueError(f"dict key {key!r} at {path!r} is not str or int")
+                    child = build(value, _join(path, key), depth + 1)
+                    if child is not _MISSING:
+                        out[key] = child
+                if keep is not None and not out and path:
+                    return _MISSING
+                return out
+            values = n.get("v")
+            if not isinstance(values, list):
+                raise ValueError(f"malformed {t} node at {path!r}")
+            items = [build(v, _join(path, i), depth + 1) for i, v in enumerate(values)]
+            kept = [x for x in items if x is not _MISSING]
+            if keep is not None and not kept and path:
+                return _MISSING
+            return tuple(kept) if t == "tuple" else kept
+        if keep is not None and not keep(path):
+            return _MISSING
+        if t == "tensor":
+            index = n.get("i")
+            if not isinstance(index, int) or index not in tensors:
+                raise ValueError(f"tensor node at {path!r} refers to unknown tensor {index!r}")
+            return tensors[index]
+        if t == "none":
+            return None
+        v = n.get("v")
+        if t == "bool" and isinstance(v, bool):
+            return v
+        if t == "int" and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if t == "str" and isinstance(v, str):
+            return v
+        if t == "float":
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+            if v in ("nan", "inf", "-inf"):
+                return float(v)
+        raise ValueError(f"malformed leaf node {t!r} at {path!r}")
+
+    result = build(node, "", 0)
+    return {} if result is _MISSING else result

@@ -1,0 +1,241 @@
+//! Storage access of the object store, behind one small trait so that an
+//! object-store backend (S3-compatible) can be added without touching
+//! chunking or codecs. [`LocalFs`] is the local-filesystem backend.
+
+use crate::error::{Error, Result};
+use crate::object_id::ObjectId;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Where chunk objects live. Objects are immutable and named by content, so
+/// concurrent writers of the same object are harmless.
+pub trait Backend: Send + Sync {
+    /// The stored size of the object, or `None` when it is absent.
+    fn stored_size(&self, id: &ObjectId) -> Result<Option<u64>>;
+    /// Stores the object whose bytes are `parts` concatenated, atomically: a
+    /// reader sees the whole object or none of it.
+    fn put(&self, id: &ObjectId, parts: &[&[u8]]) -> Result<()>;
+    /// Reads up to `buf.len()` bytes from `offset`; returns (bytes read, object size).
+    fn read_at(&self, id: &ObjectId, offset: u64, buf: &mut [u8]) -> Result<(usize, u64)>;
+    /// Removes the object; returns the bytes freed (0 when it was absent).
+    fn delete(&self, id: &ObjectId) -> Result<u64>;
+    /// Every object in the store with its stored size.
+    fn list(&self) -> Result<Vec<(ObjectId, u64)>>;
+    /// Makes every `put` so far durable (directory entries included).
+    fn flush(&self) -> Result<()>;
+}
+
+/// Objects as files `objects/ab/cdef…` under a store root; temp files in `tmp/`.
+pub struct LocalFs {
+    root: PathBuf,
+    durable: bool,
+    /// Object directories whose entries changed since the last flush.
+    touched: Mutex<HashSet<String>>,
+    /// Directories checked to be real directories (not symlinks).
+    checked: Mutex<HashSet<String>>,
+    new_dirs: AtomicU64,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl LocalFs {
+    /// A backend over the store at `root` (which must hold `objects/` and `tmp/`).
+    /// With `durable == false` no fsync is issued (scratch stores).
+    pub fn new(root: impl Into<PathBuf>, durable: bool) -> Self {
+        LocalFs {
+            root: root.into(),
+            durable,
+            touched: Mutex::new(HashSet::new()),
+            checked: Mutex::new(HashSet::new()),
+            new_dirs: AtomicU64::new(0),
+        }
+    }
+
+    fn objects(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+
+    fn path_of(&self, id: &ObjectId) -> (String, PathBuf) {
+        let hex = id.hex();
+        let prefix = hex[..2].to_string();
+        let path = self.objects().join(&prefix).join(&hex[2..]);
+        (prefix, path)
+    }
+
+    /// Ensures `objects/<prefix>` is a real directory, creating it if needed.
+    fn ensure_dir(&self, prefix: &str) -> Result<()> {
+        if self.checked.lock().expect("lock").contains(prefix) {
+            return Ok(());
+        }
+        let dir = self.objects().join(prefix);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Invalid(format!(
+                    "{} is not a directory (a symlink or file where the store expects a directory); the store is damaged or tampered with",
+                    dir.display()
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
+                Ok(()) => {
+                    self.new_dirs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("create directory", &dir, e)),
+            },
+            Err(e) => return Err(Error::io("stat", &dir, e)),
+        }
+        self.checked
+            .lock()
+            .expect("lock")
+            .insert(prefix.to_string());
+        Ok(())
+    }
+
+    fn open_object(&self, id: &ObjectId) -> Result<File> {
+        let (_, path) = self.path_of(id);
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::Missing { object: id.hex() },
+                _ => Error::io("open", &path, e),
+            })
+    }
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    let dir = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
+    dir.sync_all()
+        .map_err(|e| Error::io("fsync directory", path, e))
+}
+
+impl Backend for LocalFs {
+    fn stored_size(&self, id: &ObjectId) -> Result<Option<u64>> {
+        let (_, path) = self.path_of(id);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Err(Error::Format {
+                object: id.hex(),
+                detail: format!("{} is not a regular file", path.display()),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", &path, e)),
+        }
+    }
+
+    fn put(&self, id: &ObjectId, parts: &[&[u8]]) -> Result<()> {
+        let (prefix, path) = self.path_of(id);
+        self.ensure_dir(&prefix)?;
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{}.{n}.chunk", id.hex(), std::process::id()));
+        let write = || -> Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)
+                .map_err(|e| Error::io("create", &tmp, e))?;
+            for part in parts {
+                f.write_all(part).map_err(|e| Error::io("write", &tmp, e))?;
+            }
+            if self.durable {
+                f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+            }
+            fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
+        };
+        let result = write();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        } else {
+            self.touched.lock().expect("lock").insert(prefix);
+        }
+        result
+    }
+
+    fn read_at(&self, id: &ObjectId, offset: u64, buf: &mut [u8]) -> Result<(usize, u64)> {
+        let f = self.open_object(id)?;
+        let (_, path) = self.path_of(id);
+        let size = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        let mut done = 0usize;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(k) => done += k,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &path, e)),
+            }
+        }
+        Ok((done, size))
+    }
+
+    fn delete(&self, id: &ObjectId) -> Result<u64> {
+        let (prefix, path) = self.path_of(id);
+        let size = match self.stored_size(id)? {
+            Some(s) => s,
+            None => return Ok(0),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.touched.lock().expect("lock").insert(prefix);
+                Ok(size)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(Error::io("delete", &path, e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<(ObjectId, u64)>> {
+        let objects = self.objects();
+        let mut out = Vec::new();
+        let dirs = fs::read_dir(&objects).map_err(|e| Error::io("list", &objects, e))?;
+        for dir in dirs {
+            let dir = dir.map_err(|e| Error::io("list", &objects, e))?;
+            let prefix = dir.file_name().to_string_lossy().into_owned();
+            if prefix.len() != 2 || !dir.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let entries = fs::read_dir(dir.path()).map_err(|e| Error::io("list", dir.path(), e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io("list", dir.path(), e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Ok(id) = ObjectId::parse(&format!("{prefix}{name}")) else {
+                    continue;
+                };
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| Error::io("stat", entry.path(), e))?;
+                if meta.is_file() {
+                    out.push((id, meta.len()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.durable {
+            self.touched.lock().expect("lock").clear();
+            return Ok(());
+        }
+        let dirs: Vec<String> = self.touched.lock().expect("lock").drain().collect();
+        for prefix in &dirs {
+            fsync_dir(&self.objects().join(prefix))?;
+        }
+        if self.new_dirs.swap(0, Ordering::Relaxed) > 0 {
+            fsync_dir(&self.objects())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,19 @@
+//! `ckpt._core`: the native module. Exports and `__version__` only; the
+//! binding code lives in `py/`, the engine in `engine/`.
+
+mod py;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use crate::py::functions::{delete_objects, list_objects, restore_chunks, save_chunks, verify_chunks};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! Engine errors become the exception classes of `ckpt.errors`, in this one place.
+
+use ckpt_engine::Error;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::PyErr;
+
+pyo3::import_exception!(ckpt.errors, IntegrityError);
+pyo3::import_exception!(ckpt.errors, MissingObjectError);
+pyo3::import_exception!(ckpt.errors, FormatError);
+
+/// Maps an engine error to its Python exception.
+pub fn to_py(err: Error) -> PyErr {
+    let message = err.to_string();
+    match err {
+        Error::Io { path, source, .. } => match source.raw_os_error() {
+            // OSError(errno, strerror, filename) picks the builtin subclass
+            // (FileNotFoundError, PermissionError, ...) from the errno.
+            Some(errno) => PyOSError::new_err((errno, message, path.display().to_string())),
+            None => PyOSError::new_err(message),
+        },
+        Error::Integrity { object, .. } => IntegrityError::new_err((message, object)),
+        Error::Missing { object } => MissingObjectError::new_err((message, object)),
+        Error::Format { object, .. } => FormatError::new_err((message, object)),
+        Error::Invalid(_) => PyValueError::new_err(message),
+    }
+}
+
+/// Short machine-readable kind of an error, for per-chunk reports.
+pub fn kind(err: &Error) -> &'static str {
+    match err {
+        Error::Io { .. } => "io",
+        Error::Integrity { .. } => "integrity",
+        Error::Missing { .. } => "missing",
+        Error::Format { .. } => "format",
+        Error::Invalid(_) => "invalid",
+    }
+}
