@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv with the build, test and lint tools
 
 build: $(STAMP) ## build the Rust extension (release) into .venv
-	$(VENV)/bin/maturin develop --release -q --skip-install 2>/dev/null || $(VENV)/bin/maturin develop --release -q
+	$(VENV)/bin/maturin develop --release -q
 
 demo: build ## train a small numpy model, checkpoint every epoch, restore the best
 	$(PY) examples/demo.py
