@@ -582,12 +582,14 @@ class Store:
         targets = [npa.byte_view(arrays[i]) for i in order]
         try:
             _core.restore_chunks(self.root, chunks, targets, placements, threads=self.threads)
-        except IntegrityError as exc:
+        except (IntegrityError, FormatError) as exc:
             raise self._located(exc, vid, m) from None
-        except ValueError as exc:
+        except ValueError as exc:  # placements that do not fit the manifest's own tables
             raise FormatError(f"version {vid}: {exc}") from None
 
-    def _located(self, exc: IntegrityError, vid: int, m: dict[str, Any]) -> IntegrityError:
+    def _located(
+        self, exc: IntegrityError | FormatError, vid: int, m: dict[str, Any]
+    ) -> IntegrityError | FormatError:
         """The same error class, naming the version and the tensors using the chunk."""
         obj = exc.object
         idx = [i for i, c in enumerate(m["chunks"]) if c[0] == obj]
@@ -596,6 +598,8 @@ class Store:
         )
         shown = ", ".join(repr(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
         message = f"version {vid}: tensor {shown}: {exc.message}" if paths else f"version {vid}: {exc.message}"
+        if isinstance(exc, FormatError):
+            return FormatError(message, obj)
         return type(exc)(message, obj, version=vid, tensors=paths)
 
     # ---------------------------------------------------------------- verify

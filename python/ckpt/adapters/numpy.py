@@ -111,7 +111,9 @@ def as_saveable(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """A C-contiguous little-endian array with the same values (no copy when it already is)."""
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")  # np.ascontiguousarray would turn 0-d into 1-d
+    return array
 
 
 def byte_view(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

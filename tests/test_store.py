@@ -1,0 +1,236 @@
+"""Store behaviour: versions, dedup, best/latest, delete/gc/pins, errors, cache, locking."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ckpt
+from conftest import object_files
+
+
+def model(seed: int, n: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}": rng.standard_normal((128, 200)).astype(np.float32) for i in range(n)}
+
+
+def test_layout_and_version_fields(store: ckpt.Store) -> None:
+    root = Path(store.root)
+    assert json.loads((root / "ckpt-store.json").read_text())["format"] == "ckpt-store"
+    for d in ("objects", "versions", "pins", "tmp"):
+        assert (root / d).is_dir()
+    v = store.save(model(0), step=100, epoch=3, metrics={"val_loss": 0.31}, meta={"git": "abc"})
+    assert (v.id, v.step, v.epoch, dict(v.metrics), dict(v.meta)) == (1, 100, 3, {"val_loss": 0.31}, {"git": "abc"})
+    assert v.raw_bytes == 6 * 128 * 200 * 4
+    assert 0 < v.new_bytes == store.stored_bytes()
+    assert v.created.tzinfo is not None
+    assert (root / "versions" / "000000000001.json").is_file()
+    assert not list((root / "tmp").iterdir())
+    v2 = store.save(model(1), step=200)
+    assert v2.id == 2 and v2.parent == 1
+    assert [x.id for x in store.versions()] == [1, 2]
+    assert store.latest() == v2
+
+
+def test_saving_the_same_tree_twice_writes_nothing_new(store: ckpt.Store) -> None:
+    tree = model(0)
+    store.save(tree)
+    files = object_files(store.root)
+    v2 = store.save(tree)
+    assert v2.new_bytes == 0
+    assert object_files(store.root) == files
+
+
+def test_changing_one_tensor_writes_only_its_chunks(store: ckpt.Store) -> None:
+    tree = model(0)
+    store.save(tree)
+    before = set(object_files(store.root))
+    tree["layer3"] = tree["layer3"] + 1
+    v2 = store.save(tree)
+    added = set(object_files(store.root)) - before
+    m = store.manifest(v2)
+    layer3 = next(t for t in m["tensors"] if t["path"] == "layer3")
+    expected = {m["chunks"][s[0]][0] for s in layer3["spans"]}
+    assert {p.parent.name + p.name for p in added} == expected
+    assert v2.new_bytes == sum(p.stat().st_size for p in added)
+
+
+def test_best_ignores_missing_and_nan_and_ties_go_to_earliest(store: ckpt.Store) -> None:
+    t = {"x": np.zeros(1)}
+    store.save(t, metrics={"loss": 0.5, "acc": 0.1})
+    store.save(t, metrics={"loss": 0.2})
+    store.save(t, metrics={"acc": 0.9})
+    store.save(t, metrics={"loss": 0.2, "acc": float("nan")})
+    assert store.best("loss").id == 2
+    assert store.best("loss", mode="max").id == 1
+    assert store.best("acc", mode="max").id == 3
+    assert store.best("nope") is None
+    with pytest.raises(ValueError, match="mode must be"):
+        store.best("loss", mode="lowest")
+    assert store.versions()[3].metrics["acc"] != store.versions()[3].metrics["acc"]  # NaN kept
+
+
+def test_load_by_id_version_and_references(store: ckpt.Store) -> None:
+    v1 = store.save({"a": np.arange(3)}, step=10)
+    store.save({"a": np.arange(4)}, step=20)
+    assert store.load(1)["a"].tolist() == [0, 1, 2]
+    assert store.load(v1)["a"].tolist() == [0, 1, 2]
+    assert store.load("step=20")["a"].tolist() == [0, 1, 2, 3]
+    assert store.load("latest")["a"].tolist() == [0, 1, 2, 3]
+    assert store.load()["a"].tolist() == [0, 1, 2, 3]
+
+
+def test_missing_versions_raise_version_not_found(store: ckpt.Store) -> None:
+    with pytest.raises(ckpt.VersionNotFoundError, match="has no versions yet"):
+        store.load()
+    store.save({"a": np.zeros(1)})
+    with pytest.raises(ckpt.VersionNotFoundError, match="version 9 is not in") as info:
+        store.load(9)
+    assert isinstance(info.value, KeyError)
+    with pytest.raises(ckpt.VersionNotFoundError, match="no version at step 4"):
+        store.load("step=4")
+
+
+def test_unstorable_leaves_raise_type_error_naming_the_path(store: ckpt.Store) -> None:
+    with pytest.raises(TypeError, match=r"leaf 'opt/sched/fn' is a function.*without pickle"):
+        store.save({"opt": {"sched": {"fn": lambda x: x}}})
+    with pytest.raises(TypeError, match=r"dict key \(1, 2\) at 'm' is a tuple"):
+        store.save({"m": {(1, 2): 3}})
+    with pytest.raises(TypeError, match=r"leaf 'a': dtype object cannot be stored"):
+        store.save({"a": np.array([object()])})
+    with pytest.raises(TypeError, match="metric 'loss'"):
+        store.save({}, metrics={"loss": "low"})
+    with pytest.raises(TypeError, match="meta must be JSON-serialisable"):
+        store.save({}, meta={"x": object()})
+    with pytest.raises(TypeError, match="step must be a non-negative int"):
+        store.save({}, step=-1)
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(TypeError, match="deeper than 64"):
+        store.save(cycle)
+    assert store.versions() == []
+    assert object_files(store.root) == []
+
+
+def test_delete_gc_and_pins(store: ckpt.Store) -> None:
+    a, b = model(0), model(1)
+    store.save(a)
+    store.save(b)
+    store.save(a)
+    store.pin(1)
+    with pytest.raises(ckpt.VersionPinnedError, match="version 1 is pinned"):
+        store.delete(1)
+    store.delete(2)
+    assert [v.id for v in store.versions()] == [1, 3]
+    before = store.stored_bytes()
+    result = store.gc()
+    assert result.deleted_objects > 0 and result.freed_bytes == before - store.stored_bytes()
+    # everything still referenced survives, bit-exact
+    for vid in (1, 3):
+        out = store.load(vid)
+        for k in a:
+            assert out[k].tobytes() == a[k].tobytes()
+    assert all(r.ok for r in store.verify())
+    assert store.pinned() == {1}
+    store.unpin(1)
+    store.delete(1)
+    assert store.gc().deleted_objects == 0  # version 3 still uses the same chunks
+    store.delete(3)
+    store.gc()
+    assert object_files(store.root) == []
+
+
+def test_gc_refuses_to_run_with_a_damaged_manifest(store: ckpt.Store) -> None:
+    store.save(model(0))
+    store.save(model(1))
+    Path(store.root, "versions", "000000000001.json").write_text("{not json")
+    n = len(object_files(store.root))
+    with pytest.raises(ckpt.FormatError, match="gc stopped before deleting anything"):
+        store.gc()
+    assert len(object_files(store.root)) == n
+
+
+def test_listing_cache_is_derived_and_survives_damage(store: ckpt.Store) -> None:
+    for i in range(5):
+        store.save({"x": np.full(3, i)}, step=i, metrics={"m": float(i)})
+    expected = store.versions()
+    cache = Path(store.root, "cache", "versions.jsonl")
+    assert len(cache.read_text().splitlines()) == 5
+    cache.write_text("garbage\n{\"id\": 1}\n")
+    assert store.versions() == expected
+    cache.unlink()
+    assert store.versions() == expected
+    os.unlink(Path(store.root, "versions", "000000000003.json"))  # deleted behind our back
+    assert [v.id for v in store.versions()] == [1, 2, 4, 5]
+
+
+def test_open_existing_and_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.StoreNotFoundError, match="is not a ckpt store") as info:
+        ckpt.Store(tmp_path / "nope", create=False)
+    assert isinstance(info.value, FileNotFoundError)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "data.txt").write_text("x")
+    with pytest.raises(ckpt.FormatError, match="non-empty directory that is not a ckpt store"):
+        ckpt.Store(tmp_path / "full")
+    s = ckpt.Store(tmp_path / "s")
+    s.save({"a": np.ones(2)})
+    marker = Path(s.root, "ckpt-store.json")
+    info_json = json.loads(marker.read_text())
+    info_json["version"] = 2
+    marker.write_text(json.dumps(info_json))
+    with pytest.raises(ckpt.FormatError, match="newer ckpt.*upgrade ckpt-store"):
+        ckpt.Store(s.root)
+
+
+def test_manifest_from_a_newer_format_is_refused(store: ckpt.Store) -> None:
+    store.save({"a": np.ones(2)})
+    p = Path(store.root, "versions", "000000000001.json")
+    m = json.loads(p.read_text())
+    m["version"] = 7
+    p.write_text(json.dumps(m))
+    with pytest.raises(ckpt.FormatError, match="manifest format 7 is newer.*upgrade"):
+        store.load(1)
+
+
+def test_writer_lock_is_held_across_processes(store: ckpt.Store, tmp_path: Path) -> None:
+    store.save({"a": np.ones(2)})
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(
+        f"""
+        import time, ckpt
+        s = ckpt.Store({store.root!r})
+        with s._writer():
+            open({str(ready)!r}, "w").close()
+            time.sleep(3)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            import time
+
+            time.sleep(0.05)
+        other = ckpt.Store(store.root, lock_timeout=0.3)
+        with pytest.raises(ckpt.StoreLockedError, match=r"locked by another writer \(pid \d+"):
+            other.save({"a": np.zeros(2)})
+        assert [v.id for v in other.versions()] == [1]  # readers never block
+    finally:
+        child.wait(timeout=30)
+    ckpt.Store(store.root, lock_timeout=5).save({"a": np.zeros(2)})
+
+
+def test_killed_writer_leaves_only_tmp_debris_that_the_next_writer_sweeps(store: ckpt.Store) -> None:
+    store.save({"a": np.ones(3)})
+    debris = Path(store.root, "tmp", "abc.123.chunk")
+    debris.write_bytes(b"half a chunk")
+    store.save({"a": np.zeros(3)})
+    assert not debris.exists()
