@@ -8,7 +8,9 @@ use pyo3::prelude::*;
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use crate::py::functions::{delete_objects, list_objects, restore_chunks, save_chunks, verify_chunks};
+    use crate::py::functions::{
+        delete_objects, list_objects, restore_chunks, save_chunks, verify_chunks,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ckpt
 import numpy as np
 import pytest
-
-import ckpt
 from conftest import object_files
 
 

@@ -6,10 +6,9 @@ import threading
 import time
 from pathlib import Path
 
+import ckpt
 import numpy as np
 import pytest
-
-import ckpt
 from ckpt import _core
 
 
@@ -18,7 +17,9 @@ def make_root(tmp_path: Path) -> str:
 
 
 def save(root: str, buffers: list, groups: list[int] | None = None, **kw: object):
-    opts = dict(chunk_size=1 << 20, small_threshold=1 << 16, level=1, min_saving=0.05, durable=False)
+    opts = dict(
+        chunk_size=1 << 20, small_threshold=1 << 16, level=1, min_saving=0.05, durable=False
+    )
     opts.update(kw)
     return _core.save_chunks(root, buffers, groups or [1] * len(buffers), **opts)
 
@@ -35,13 +36,17 @@ def test_buffers_are_released_after_every_call(tmp_path: Path) -> None:
     chunks, spans = save(root, [src])
     src.extend(b"more")  # would raise BufferError if the export were still held
     dst = bytearray(100_000)
-    placements = [(s[0], s[1], s[2], 0, sum(x[2] for x in spans[0][:i])) for i, s in enumerate(spans[0])]
+    placements = [
+        (s[0], s[1], s[2], 0, sum(x[2] for x in spans[0][:i])) for i, s in enumerate(spans[0])
+    ]
     _core.restore_chunks(root, [(c[0], c[1]) for c in chunks], [dst], placements)
     dst.extend(b"x")
     assert bytes(dst[:100_000]) == b"x" * 100_000
 
 
-def test_read_only_wrong_size_and_aliased_targets_are_refused_before_writing(tmp_path: Path) -> None:
+def test_read_only_wrong_size_and_aliased_targets_are_refused_before_writing(
+    tmp_path: Path,
+) -> None:
     root = make_root(tmp_path)
     chunks, spans = save(root, [b"abcdefgh" * 1000])
     refs = [(c[0], c[1]) for c in chunks]
@@ -63,13 +68,18 @@ def test_read_only_wrong_size_and_aliased_targets_are_refused_before_writing(tmp
     shared = np.full(16000, 7, np.uint8)
     with pytest.raises(ValueError, match="share memory"):
         _core.restore_chunks(
-            root, refs, [shared[:8000], shared[4000:12000]], [(ci, off, ln, 0, 0), (ci, off, ln, 1, 0)]
+            root,
+            refs,
+            [shared[:8000], shared[4000:12000]],
+            [(ci, off, ln, 0, 0), (ci, off, ln, 1, 0)],
         )
     assert (shared == 7).all()
     with pytest.raises(ValueError, match="C-contiguous"):
         _core.restore_chunks(root, refs, [np.zeros(16000, np.uint8)[::2]], [(ci, off, ln, 0, 0)])
     with pytest.raises(ValueError, match="64 lowercase hex"):
-        _core.restore_chunks(root, [("../../etc/passwd", 8000)], [bytearray(8000)], [(0, 0, 8000, 0, 0)])
+        _core.restore_chunks(
+            root, [("../../etc/passwd", 8000)], [bytearray(8000)], [(0, 0, 8000, 0, 0)]
+        )
 
 
 def test_bad_options_raise_value_error(tmp_path: Path) -> None:
@@ -122,7 +132,7 @@ def test_zstd_planes_decode_with_the_zstandard_package(tmp_path: Path) -> None:
     s = ckpt.Store(tmp_path / "s")
     data = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
     s.save({"w": data})
-    (cid, raw_len, _), = s.manifest()["chunks"]
+    ((cid, raw_len, _),) = s.manifest()["chunks"]
     blob = Path(s.root, "objects", cid[:2], cid[2:]).read_bytes()
     assert blob[10] == 1 and blob[11] == 4  # bytegroup(4)
     pos = 24 + 16 * 4

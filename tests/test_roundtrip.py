@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ckpt
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import ckpt
 
 NUMPY_DTYPES = [
     "bool",
@@ -121,14 +120,18 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20)
 )
 arrays = st.sampled_from(NUMPY_DTYPES + ["bfloat16"]).flatmap(
-    lambda d: hnp.arrays(
-        np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d),
-        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40),
-        elements=None if d == "bfloat16" else {"allow_nan": True} if "float" in d else None,
-    )
-    if d != "bfloat16"
-    else hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40).map(
-        lambda s: np.arange(int(np.prod(s)), dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(s)
+    lambda d: (
+        hnp.arrays(
+            np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d),
+            hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40),
+            elements=None if d == "bfloat16" else {"allow_nan": True} if "float" in d else None,
+        )
+        if d != "bfloat16"
+        else hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40).map(
+            lambda s: (
+                np.arange(int(np.prod(s)), dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(s)
+            )
+        )
     )
 )
 trees = st.recursive(
@@ -142,7 +145,9 @@ trees = st.recursive(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(tree=trees)
 def test_property_any_tree_round_trips(tmp_path: Path, tree: Any) -> None:
     store = ckpt.Store(

@@ -9,10 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ckpt
 import numpy as np
 import pytest
-
-import ckpt
 from conftest import object_files
 
 
@@ -27,7 +26,13 @@ def test_layout_and_version_fields(store: ckpt.Store) -> None:
     for d in ("objects", "versions", "pins", "tmp"):
         assert (root / d).is_dir()
     v = store.save(model(0), step=100, epoch=3, metrics={"val_loss": 0.31}, meta={"git": "abc"})
-    assert (v.id, v.step, v.epoch, dict(v.metrics), dict(v.meta)) == (1, 100, 3, {"val_loss": 0.31}, {"git": "abc"})
+    assert (v.id, v.step, v.epoch, dict(v.metrics), dict(v.meta)) == (
+        1,
+        100,
+        3,
+        {"val_loss": 0.31},
+        {"git": "abc"},
+    )
     assert v.raw_bytes == 6 * 128 * 200 * 4
     assert 0 < v.new_bytes == store.stored_bytes()
     assert v.created.tzinfo is not None
@@ -163,7 +168,7 @@ def test_listing_cache_is_derived_and_survives_damage(store: ckpt.Store) -> None
     expected = store.versions()
     cache = Path(store.root, "cache", "versions.jsonl")
     assert len(cache.read_text().splitlines()) == 5
-    cache.write_text("garbage\n{\"id\": 1}\n")
+    cache.write_text('garbage\n{"id": 1}\n')
     assert store.versions() == expected
     cache.unlink()
     assert store.versions() == expected
@@ -228,7 +233,9 @@ def test_writer_lock_is_held_across_processes(store: ckpt.Store, tmp_path: Path)
     ckpt.Store(store.root, lock_timeout=5).save({"a": np.zeros(2)})
 
 
-def test_killed_writer_leaves_only_tmp_debris_that_the_next_writer_sweeps(store: ckpt.Store) -> None:
+def test_killed_writer_leaves_only_tmp_debris_that_the_next_writer_sweeps(
+    store: ckpt.Store,
+) -> None:
     store.save({"a": np.ones(3)})
     debris = Path(store.root, "tmp", "abc.123.chunk")
     debris.write_bytes(b"half a chunk")

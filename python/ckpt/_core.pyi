@@ -1,9 +1,16 @@
 # Hand-written stub of the native module (checked by mypy.stubtest in make lint).
-from os import PathLike
-
 from collections.abc import Sequence
+from os import PathLike
 from typing import Any
 
+__all__ = [
+    "__version__",
+    "delete_objects",
+    "list_objects",
+    "restore_chunks",
+    "save_chunks",
+    "verify_chunks",
+]
 __version__: str
 
 def save_chunks(
@@ -33,4 +40,6 @@ def verify_chunks(
     threads: int | None = None,
 ) -> list[tuple[str, str] | None]: ...
 def list_objects(root: str | PathLike[str]) -> list[tuple[str, int]]: ...
-def delete_objects(root: str | PathLike[str], ids: Sequence[str], *, durable: bool = True) -> int: ...
+def delete_objects(
+    root: str | PathLike[str], ids: Sequence[str], *, durable: bool = True
+) -> int: ...

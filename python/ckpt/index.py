@@ -73,7 +73,7 @@ def encode_metrics(metrics: Mapping[str, object] | None) -> dict[str, int | floa
             out[name] = int(value)
             continue
         try:
-            f = float(value)  # type: ignore[arg-type]
+            f = float(value)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"metric {name!r} = {value!r} is not a real number") from exc
         if math.isfinite(f):
@@ -244,7 +244,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     return m
 
 
-def _check_tensor(t: object, chunks: list[Any], names: Iterable[str], itemsize_of: Any) -> None:
+def _check_tensor(t: object, chunks: list[Any], names: tuple[str, ...], itemsize_of: Any) -> None:
     if not isinstance(t, dict):
         raise ValueError("tensor entry must be an object")
     path = t.get("path")

@@ -222,7 +222,9 @@ class Store:
         tmp = os.path.join(
             tmp_dir, f"{os.path.basename(final)}.{os.getpid()}.{threading.get_ident()}.tmp"
         )
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
         try:
             try:
                 view = memoryview(data)
@@ -327,7 +329,9 @@ class Store:
         """
         started = time.perf_counter()
         for name, value in (("step", step), ("epoch", epoch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
                 raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
         enc_metrics = encode_metrics(metrics)
         meta = dict(meta or {})
@@ -567,7 +571,9 @@ class Store:
         except ValueError as exc:
             raise FormatError(f"version {vid}: malformed tree: {exc}") from None
 
-    def _read_tensors(self, vid: int, m: dict[str, Any], arrays: dict[int, np.ndarray[Any, Any]]) -> None:
+    def _read_tensors(
+        self, vid: int, m: dict[str, Any], arrays: dict[int, np.ndarray[Any, Any]]
+    ) -> None:
         chunk_table = m["chunks"]
         used: dict[int, int] = {}
         placements = []
@@ -593,11 +599,13 @@ class Store:
         """The same error class, naming the version and the tensors using the chunk."""
         obj = exc.object
         idx = [i for i, c in enumerate(m["chunks"]) if c[0] == obj]
-        paths = tuple(
-            t["path"] for t in m["tensors"] if any(s[0] in idx for s in t["spans"])
-        )
+        paths = tuple(t["path"] for t in m["tensors"] if any(s[0] in idx for s in t["spans"]))
         shown = ", ".join(repr(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
-        message = f"version {vid}: tensor {shown}: {exc.message}" if paths else f"version {vid}: {exc.message}"
+        message = (
+            f"version {vid}: tensor {shown}: {exc.message}"
+            if paths
+            else f"version {vid}: {exc.message}"
+        )
         if isinstance(exc, FormatError):
             return FormatError(message, obj)
         return type(exc)(message, obj, version=vid, tensors=paths)
@@ -612,10 +620,7 @@ class Store:
         Returns:
             One :class:`VerifyResult` per version, ascending by id.
         """
-        if version is None:
-            ids = sorted(self._cache.committed_ids())
-        else:
-            ids = [self.resolve(version)]
+        ids = sorted(self._cache.committed_ids()) if version is None else [self.resolve(version)]
         manifests: dict[int, dict[str, Any] | FormatError] = {}
         chunk_set: dict[str, int] = {}
         for vid in ids:
@@ -633,15 +638,18 @@ class Store:
         report = _core.verify_chunks(self.root, items, threads=self.threads) if items else []
         damage = {cid: r for (cid, _), r in zip(items, report, strict=True) if r is not None}
         results = []
-        for vid, m in manifests.items():
-            if isinstance(m, FormatError):
-                results.append(VerifyResult(vid, (Problem("", "format", str(m), ()),), 0, 0))
+        for vid, entry in manifests.items():
+            if isinstance(entry, FormatError):
+                results.append(VerifyResult(vid, (Problem("", "format", str(entry), ()),), 0, 0))
                 continue
+            m = entry
             problems = []
             for ci, c in enumerate(m["chunks"]):
                 if c[0] in damage:
                     kind, message = damage[c[0]]
-                    paths = tuple(t["path"] for t in m["tensors"] if any(s[0] == ci for s in t["spans"]))
+                    paths = tuple(
+                        t["path"] for t in m["tensors"] if any(s[0] == ci for s in t["spans"])
+                    )
                     problems.append(Problem(c[0], kind, message, paths))
             results.append(
                 VerifyResult(vid, tuple(problems), len(m["chunks"]), sum(c[1] for c in m["chunks"]))
@@ -722,4 +730,3 @@ class Store:
 
 def _now_text() -> str:
     return format_time(datetime.now(timezone.utc))
-

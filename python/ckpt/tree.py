@@ -57,7 +57,9 @@ def _float_node(value: float) -> Node:
 
 def _describe(obj: object) -> str:
     kind = type(obj)
-    return f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+    return (
+        f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+    )
 
 
 def flatten(
@@ -180,7 +182,9 @@ def unflatten(
                 if not isinstance(keys, list) or not isinstance(values, list):
                     raise ValueError(f"malformed dict node at {path!r}")
                 if len(keys) != len(values):
-                    raise ValueError(f"dict node at {path!r} has {len(keys)} keys, {len(values)} values")
+                    raise ValueError(
+                        f"dict node at {path!r} has {len(keys)} keys, {len(values)} values"
+                    )
                 out: dict[str | int, object] = {}
                 for key, value in zip(keys, values, strict=True):
                     if isinstance(key, bool) or not isinstance(key, (str, int)):

@@ -27,14 +27,21 @@ unsafe impl Sync for RawBuf {}
 
 /// Exports the buffers of `objects`; refuses non-contiguous ones and, when
 /// `writable`, read-only ones, before anything is read or written.
-pub fn export(objects: &[Bound<'_, PyAny>], writable: bool, what: &str) -> PyResult<(Vec<PyUntypedBuffer>, Vec<RawBuf>)> {
+pub fn export(
+    objects: &[Bound<'_, PyAny>],
+    writable: bool,
+    what: &str,
+) -> PyResult<(Vec<PyUntypedBuffer>, Vec<RawBuf>)> {
     let mut held = Vec::with_capacity(objects.len());
     let mut raw = Vec::with_capacity(objects.len());
     for (i, obj) in objects.iter().enumerate() {
-        let buf = PyUntypedBuffer::get(obj)
-            .map_err(|e| PyTypeError::new_err(format!("{what} {i} does not export a buffer: {e}")))?;
+        let buf = PyUntypedBuffer::get(obj).map_err(|e| {
+            PyTypeError::new_err(format!("{what} {i} does not export a buffer: {e}"))
+        })?;
         if !buf.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("{what} {i} is not C-contiguous")));
+            return Err(PyValueError::new_err(format!(
+                "{what} {i} is not C-contiguous"
+            )));
         }
         if writable && buf.readonly() {
             return Err(PyValueError::new_err(format!(

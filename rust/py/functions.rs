@@ -4,7 +4,8 @@
 use super::buffers::{export, RawBuf};
 use super::errors::{kind, to_py};
 use ckpt_engine::{
-    pipeline, Backend, ChunkParams, ChunkRef, EncodeOptions, LocalFs, ObjectId, Placement, SaveOptions, TensorIn,
+    pipeline, Backend, ChunkParams, ChunkRef, EncodeOptions, LocalFs, ObjectId, Placement,
+    SaveOptions, TensorIn,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -119,13 +120,15 @@ pub fn restore_chunks(
     let refs = chunk_refs(&chunks)?;
     let placements: Vec<Placement> = placements
         .into_iter()
-        .map(|(chunk, chunk_offset, len, target, target_offset)| Placement {
-            chunk,
-            chunk_offset,
-            len,
-            target,
-            target_offset,
-        })
+        .map(
+            |(chunk, chunk_offset, len, target, target_offset)| Placement {
+                chunk,
+                chunk_offset,
+                len,
+                target,
+                target_offset,
+            },
+        )
         .collect();
     let (held, raw) = export(&targets, true, "target")?;
     let result = py.detach(|| {
@@ -180,7 +183,12 @@ pub fn list_objects(py: Python<'_>, root: PathBuf) -> PyResult<Vec<(String, u64)
 /// Deletes objects by id (absent ones are skipped); returns the bytes freed.
 #[pyfunction]
 #[pyo3(signature = (root, ids, *, durable=true))]
-pub fn delete_objects(py: Python<'_>, root: PathBuf, ids: Vec<String>, durable: bool) -> PyResult<u64> {
+pub fn delete_objects(
+    py: Python<'_>,
+    root: PathBuf,
+    ids: Vec<String>,
+    durable: bool,
+) -> PyResult<u64> {
     let ids: Vec<ObjectId> = ids.iter().map(|s| parse_id(s)).collect::<PyResult<_>>()?;
     py.detach(|| {
         let backend = LocalFs::new(root, durable);

@@ -59,14 +59,17 @@ _ML_DTYPES: dict[str, str] = {
 DTYPE_NAMES: tuple[str, ...] = tuple(_BASE) + tuple(_ML_DTYPES)
 
 _BY_DTYPE: dict[np.dtype[Any], str] = {np.dtype(v): k for k, v in _BASE.items()}
-try:  # optional: bfloat16 / float8
+# optional: bfloat16 / float8, by format name
+_ML: dict[str, np.dtype[Any]] = {}
+try:
     import ml_dtypes
 
     for _name, _attr in _ML_DTYPES.items():
         if hasattr(ml_dtypes, _attr):
-            _BY_DTYPE[np.dtype(getattr(ml_dtypes, _attr))] = _name
+            _ML[_name] = np.dtype(getattr(ml_dtypes, _attr))
+            _BY_DTYPE[_ML[_name]] = _name
 except ImportError:  # pragma: no cover - exercised where ml_dtypes is absent
-    ml_dtypes = None
+    pass
 
 _FLOAT_NAMES = {"F16": 2, "F32": 4, "F64": 8, "C64": 4, "C128": 8, "BF16": 2}
 
@@ -95,10 +98,12 @@ def dtype_from_name(name: str) -> np.dtype[Any]:
     """
     if name in _BASE:
         return np.dtype(_BASE[name]).newbyteorder("<")
+    if name in _ML:
+        return _ML[name]
     if name in _ML_DTYPES:
-        if ml_dtypes is None or not hasattr(ml_dtypes, _ML_DTYPES[name]):
-            raise ValueError(f"dtype {name} needs the ml_dtypes package: pip install ml_dtypes")
-        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+        raise ValueError(
+            f"dtype {name} needs the ml_dtypes package (pip install ml_dtypes), or a newer one"
+        )
     raise ValueError(f"unknown dtype {name!r}")
 
 

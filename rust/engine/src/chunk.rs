@@ -42,7 +42,7 @@ pub enum Filter {
 impl Filter {
     /// The filter for items of `group` bytes (1 = no grouping).
     pub fn for_group(group: usize, raw_len: usize) -> Filter {
-        if group >= 2 && group <= MAX_PLANES && raw_len % group == 0 {
+        if (2..=MAX_PLANES).contains(&group) && raw_len % group == 0 {
             Filter::ByteGroup(group)
         } else {
             Filter::None
@@ -85,17 +85,17 @@ pub struct Header {
 
 impl Header {
     /// Bytes taken by the header itself.
-    pub fn len(&self) -> usize {
+    pub fn header_len(&self) -> usize {
         FIXED_HEADER + PLANE_ENTRY * self.planes.len()
     }
 
     /// Header plus payloads: the size the chunk file must have.
     pub fn file_len(&self) -> u64 {
-        self.len() as u64 + self.planes.iter().map(|p| p.1).sum::<u64>()
+        self.header_len() as u64 + self.planes.iter().map(|p| p.1).sum::<u64>()
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len());
+        let mut out = Vec::with_capacity(self.header_len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&CHUNK_VERSION.to_le_bytes());
         let (code, n) = match self.filter {
@@ -316,7 +316,7 @@ fn entropy_ratio(data: &[u8]) -> f64 {
 /// `out` (no decompression bombs). The caller verifies the hash.
 pub fn decode_into(data: &[u8], object: &str, out: &mut [u8]) -> Result<()> {
     let header = Header::parse(data, object)?;
-    decode_payload(&header, &data[header.len()..], object, out)
+    decode_payload(&header, &data[header.header_len()..], object, out)
 }
 
 /// Decodes the payload part of a chunk whose header was parsed already.
@@ -331,7 +331,7 @@ pub fn decode_payload(header: &Header, payload: &[u8], object: &str, out: &mut [
             ),
         });
     }
-    let expected = header.file_len() - header.len() as u64;
+    let expected = header.file_len() - header.header_len() as u64;
     if payload.len() as u64 != expected {
         return Err(Error::Integrity {
             object: object.to_string(),

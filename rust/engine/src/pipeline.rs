@@ -330,7 +330,7 @@ pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result
             ),
         });
     }
-    let start = header.len() as u64;
+    let start = header.header_len() as u64;
     if header.filter == Filter::None && header.planes[0].0 == Codec::Raw {
         let (got, _) = backend.read_at(&c.id, start, out)?;
         if got != out.len() {
