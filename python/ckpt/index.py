@@ -107,7 +107,9 @@ def format_time(t: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     """Parses :func:`format_time` output into an aware datetime."""
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    if not isinstance(text, str) or not text.endswith("Z"):
+        raise ValueError(f"bad timestamp {text!r}")
+    return datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -307,11 +309,21 @@ class ListingCache:
                 data = f.read()
         except FileNotFoundError:
             return out
-        for line in data.splitlines():
+        lines = data.splitlines()
+        try:  # fast path: one parse for the whole file
+            records = json.loads(b"[" + b",".join(lines) + b"]")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            records = []
+            for line in lines:
+                try:
+                    records.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                    continue  # a torn last line after a crash, or damage: rebuilt from manifests
+        for record in records:
             try:
-                v = Version.from_summary(json.loads(line))
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-                continue  # a torn last line after a crash, or damage: rebuilt from manifests
+                v = Version.from_summary(record)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
             out[v.id] = v
         return out
 
