@@ -78,7 +78,8 @@ def main() -> None:
         print("|---|---|---|")
         print(f"| store.versions() (cache) | {statistics.median(cached):.4f} | {min(cached):.4f} |")
         print(f"| store.best('loss') (cache) | {statistics.median(best):.4f} | {min(best):.4f} |")
-        print(f"| versions() rebuilding the cache | {statistics.median(rebuilt):.4f} | {min(rebuilt):.4f} |")
+        rb = statistics.median(rebuilt)
+        print(f"| versions() rebuilding the cache | {rb:.4f} | {min(rebuilt):.4f} |")
         print(f"(built in {build_s:.1f} s, {build_s / args.versions * 1e3:.2f} ms per save)")
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import ckpt
 import pytest
+
+import ckpt
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ckpt
 import numpy as np
 import pytest
 from conftest import object_files
+
+import ckpt
 
 
 def saved(store: ckpt.Store) -> dict[str, np.ndarray]:

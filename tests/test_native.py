@@ -6,9 +6,10 @@ import threading
 import time
 from pathlib import Path
 
-import ckpt
 import numpy as np
 import pytest
+
+import ckpt
 from ckpt import _core
 
 

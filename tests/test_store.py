@@ -9,10 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import ckpt
 import numpy as np
 import pytest
 from conftest import object_files
+
+import ckpt
 
 
 def model(seed: int, n: int = 6) -> dict[str, np.ndarray]:
@@ -241,3 +242,14 @@ def test_killed_writer_leaves_only_tmp_debris_that_the_next_writer_sweeps(
     debris.write_bytes(b"half a chunk")
     store.save({"a": np.zeros(3)})
     assert not debris.exists()
+
+
+def test_ids_are_never_reused_after_deleting_the_latest(store: ckpt.Store) -> None:
+    store.save({"a": np.zeros(2)}, step=1)
+    store.save({"a": np.ones(2)}, step=2)
+    assert [v.step for v in store.versions()] == [1, 2]
+    store.delete(2)
+    v = store.save({"a": np.full(2, 7.0)}, step=3)
+    assert v.id == 3
+    assert [(x.id, x.step) for x in ckpt.Store(store.root).versions()] == [(1, 1), (3, 3)]
+    assert store.load(3)["a"].tolist() == [7.0, 7.0]

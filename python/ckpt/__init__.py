@@ -9,17 +9,22 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
 from . import _core
+from .early_stopping import Decision, EarlyStopping
 from .errors import (
     CheckpointError,
     FormatError,
     IntegrityError,
+    MissingMetricError,
     MissingObjectError,
+    StepExistsError,
     StoreLockedError,
     StoreNotFoundError,
     VersionNotFoundError,
 )
 from .index import Version
-from .store import GcResult, Problem, Store, VerifyResult, VersionPinnedError
+from .manager import CheckpointManager
+from .retention import Keep
+from .store import GcResult, Problem, RetentionResult, Store, VerifyResult, VersionPinnedError
 
 __version__ = _core.__version__
 
@@ -35,11 +40,18 @@ if _dist != __version__:  # pragma: no cover - a stale build
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
+    "Decision",
+    "EarlyStopping",
     "FormatError",
     "GcResult",
     "IntegrityError",
+    "Keep",
+    "MissingMetricError",
     "MissingObjectError",
     "Problem",
+    "RetentionResult",
+    "StepExistsError",
     "Store",
     "StoreLockedError",
     "StoreNotFoundError",

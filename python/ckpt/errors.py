@@ -13,7 +13,9 @@ __all__ = [
     "CheckpointError",
     "FormatError",
     "IntegrityError",
+    "MissingMetricError",
     "MissingObjectError",
+    "StepExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
     "VersionNotFoundError",
@@ -81,3 +83,14 @@ class StoreNotFoundError(CheckpointError, FileNotFoundError):
 
 class StoreLockedError(CheckpointError):
     """Another writer holds the store's lock."""
+
+
+class StepExistsError(CheckpointError, ValueError):
+    """A version for this step exists already (pass ``overwrite=True`` to replace it)."""
+
+
+class MissingMetricError(CheckpointError, KeyError):
+    """The monitored metric is not among the metrics given to a save."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -49,6 +49,7 @@ from .index import (
     parse_manifest,
     version_id_of,
 )
+from .retention import Keep, Plan, plan_retention
 from .tree import flatten, unflatten
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "GcResult",
     "Problem",
+    "RetentionResult",
     "Store",
     "VerifyResult",
     "VersionPinnedError",
@@ -110,6 +112,15 @@ class GcResult:
     kept_objects: int
 
 
+@dataclass(frozen=True)
+class RetentionResult:
+    """Outcome of applying a retention policy."""
+
+    deleted: tuple[int, ...]
+    freed_bytes: int
+    kept: dict[int, tuple[str, ...]]
+
+
 class Store:
     """A versioned checkpoint store on a local directory.
 
@@ -156,6 +167,7 @@ class Store:
         self._lock_fd: int | None = None
         self._open(create)
         self._cache = ListingCache(self.root)
+        self._chunk_maps: dict[int, dict[str, int]] = {}
 
     # ----------------------------------------------------------------- layout
     def _p(self, *parts: str) -> str:
@@ -354,7 +366,7 @@ class Store:
 
         with self._writer():
             existing = self._cache.committed_ids()
-            new_id = max(existing, default=0) + 1
+            new_id = max(max(existing, default=0), self._deleted_high_water()) + 1
             parent = max(existing) if existing else None
             chunks, spans = _core.save_chunks(
                 self.root,
@@ -525,6 +537,7 @@ class Store:
         version: int | Version | str | None = None,
         *,
         only: str | Sequence[str] | None = None,
+        into: Any = None,
     ) -> Any:
         """Restores a version's tree (latest by default), verifying every byte.
 
@@ -533,6 +546,10 @@ class Store:
             only: glob pattern(s) over leaf paths (``fnmatch``; ``*`` crosses
                 ``/``). Only matching leaves are read; containers left empty
                 are dropped and sequences keep their matching items in order.
+            into: a tree of preallocated numpy arrays (e.g. the current
+                state). A leaf at the same path with the same dtype and shape,
+                C-contiguous and writable, is filled in place and returned
+                instead of a new array; other leaves are allocated as usual.
 
         Raises:
             VersionNotFoundError: no such version (or an empty store).
@@ -553,6 +570,9 @@ class Store:
         tensors = m["tensors"]
         if any(i >= len(tensors) for i in wanted):
             raise FormatError(f"version {vid}: tree refers to a tensor that is not in the table")
+        reuse: dict[str, np.ndarray[Any, Any]] = {}
+        if into is not None:
+            reuse = {leaf.path: leaf.array for leaf in flatten(into)[1] if not leaf.scalar}
         arrays: dict[int, np.ndarray[Any, Any]] = {}
         for i in sorted(wanted):
             t = tensors[i]
@@ -560,7 +580,18 @@ class Store:
                 dtype = npa.dtype_from_name(t["dtype"])
             except ValueError as exc:
                 raise FormatError(f"version {vid}: tensor {t['path']!r}: {exc}") from None
-            arrays[i] = np.empty(tuple(t["shape"]), dtype=dtype)
+            shape = tuple(t["shape"])
+            target = reuse.get(t["path"])
+            if (
+                target is not None
+                and target.dtype == dtype
+                and target.shape == shape
+                and target.flags.c_contiguous
+                and target.flags.writeable
+            ):
+                arrays[i] = target
+            else:
+                arrays[i] = np.empty(shape, dtype=dtype)
         self._read_tensors(vid, m, arrays)
         out: dict[int, object] = {}
         for i, a in arrays.items():
@@ -695,8 +726,24 @@ class Store:
             vid = self.resolve(version)
             if vid in self.pinned():
                 raise VersionPinnedError(f"version {vid} is pinned; unpin it before deleting it")
+            if vid == max(self._cache.committed_ids()):
+                # ids are never reused: remember the highest id before it disappears
+                self._write_atomic(self._p("last-id"), f"{vid}\n".encode())
+                self._fsync_dir(self.root)
             os.unlink(self._p("versions", manifest_name(vid)))
             self._fsync_dir(self._p("versions"))
+            self._chunk_maps.pop(vid, None)
+
+    def _deleted_high_water(self) -> int:
+        """The highest id ever deleted while it was the newest (``last-id``), or 0."""
+        try:
+            with open(self._p("last-id"), "rb") as f:
+                text = f.read(32).decode().strip()
+        except FileNotFoundError:
+            return 0
+        if not text.isdigit():
+            raise FormatError(f"{self._p('last-id')}: expected a version id, found {text!r}")
+        return int(text)
 
     def gc(self) -> GcResult:
         """Deletes every chunk that no committed version references.
@@ -722,6 +769,88 @@ class Store:
             garbage = [oid for oid, _ in objects if oid not in referenced]
             freed = _core.delete_objects(self.root, garbage, durable=self.durable) if garbage else 0
             return GcResult(len(garbage), freed, len(objects) - len(garbage))
+
+    # --------------------------------------------------------------- retention
+    def chunk_map(self, version: int | Version | str) -> dict[str, int]:
+        """The chunks of a version: id -> stored bytes (cached; manifests are immutable)."""
+        vid = self.resolve(version)
+        if vid not in self._chunk_maps:
+            self._chunk_maps[vid] = {c[0]: c[2] for c in self.manifest(vid)["chunks"]}
+        return self._chunk_maps[vid]
+
+    def policy(self) -> tuple[Keep | None, str | None, str]:
+        """The retention policy, monitor and mode recorded by the manager in the latest version."""
+        latest = self.latest()
+        manager = dict(latest.trainer.get("manager", {})) if latest else {}
+        keep = manager.get("keep")
+        return (
+            Keep.from_dict(keep) if isinstance(keep, dict) else None,
+            manager.get("monitor"),
+            manager.get("mode", "min"),
+        )
+
+    def _plan(
+        self, keep: Keep | None, monitor: str | None, mode: str | None, with_sizes: bool
+    ) -> tuple[list[Version], Plan]:
+        recorded_keep, recorded_monitor, recorded_mode = self.policy()
+        keep = keep if keep is not None else recorded_keep
+        monitor = monitor if monitor is not None else recorded_monitor
+        mode = mode or recorded_mode
+        versions = self.versions()
+        sizes = None
+        if with_sizes or (keep is not None and keep.max_bytes is not None):
+            sizes = {v.id: self.chunk_map(v.id) for v in versions}
+        plan = plan_retention(
+            versions, keep, monitor=monitor, mode=mode, pinned=self.pinned(), chunks_of=sizes
+        )
+        return versions, plan
+
+    def explain(
+        self, keep: Keep | None = None, *, monitor: str | None = None, mode: str | None = None
+    ) -> dict[int, tuple[str, ...]]:
+        """For each version, the rules that keep it (empty: retention would delete it).
+
+        Without arguments, uses the policy the manager recorded in the latest version.
+        """
+        return dict(self._plan(keep, monitor, mode, with_sizes=False)[1].reasons)
+
+    def apply_retention(
+        self,
+        keep: Keep | None = None,
+        *,
+        monitor: str | None = None,
+        mode: str | None = None,
+        dry_run: bool = False,
+    ) -> RetentionResult:
+        """Deletes the versions no rule keeps, then the chunks only they used.
+
+        Runs under the writer lock: manifests are deleted first (and the
+        directory fsynced), then chunks that no remaining version references.
+        The latest, the best and pinned versions are never deleted.
+
+        Raises:
+            FormatError: a manifest is unreadable; nothing is deleted.
+        """
+        with self._writer():
+            _, plan = self._plan(keep, monitor, mode, with_sizes=True)
+            if dry_run or not plan.delete:
+                return RetentionResult(plan.delete, plan.freed_bytes, dict(plan.reasons))
+            remaining: set[str] = set()
+            for vid, why in plan.reasons.items():
+                if why:
+                    remaining.update(self.chunk_map(vid))
+            garbage = {c for vid in plan.delete for c in self.chunk_map(vid)} - remaining
+            for vid in plan.delete:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._p("versions", manifest_name(vid)))
+                self._chunk_maps.pop(vid, None)
+            self._fsync_dir(self._p("versions"))
+            freed = (
+                _core.delete_objects(self.root, sorted(garbage), durable=self.durable)
+                if garbage
+                else 0
+            )
+            return RetentionResult(plan.delete, freed, dict(plan.reasons))
 
     def stored_bytes(self) -> int:
         """Bytes of every chunk object in the store (what the store occupies)."""
