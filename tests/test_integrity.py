@@ -99,3 +99,19 @@ def test_object_store_files_are_only_chunks(store: ckpt.Store) -> None:
     for p in object_files(store.root):
         assert p.read_bytes()[:8] == b"CKPTCHNK"
         assert len(p.parent.name) == 2 and len(p.name) == 62
+
+
+def test_a_zstd_plane_with_trailing_frames_is_refused(store: ckpt.Store) -> None:
+    import struct
+
+    store.save({"z": np.zeros(50_000, np.int64)})  # one zstd plane per chunk
+    cid = store.manifest(1)["chunks"][0][0]
+    path = chunk_path(store, cid)
+    blob = bytearray(path.read_bytes())
+    assert blob[10] == 0 and blob[24] == 1
+    stored = struct.unpack_from("<Q", blob, 32)[0]
+    extra = bytes(blob[40 : 40 + stored])  # the same frame again, appended to the plane
+    struct.pack_into("<Q", blob, 32, stored + len(extra))
+    path.write_bytes(bytes(blob) + extra)
+    with pytest.raises(ckpt.IntegrityError, match="not exactly one zstd frame"):
+        store.load(1)

@@ -210,8 +210,8 @@ def test_every_chunk_header_field_is_as_documented(tmp_path: Path) -> None:
         assert data[12:16] == b"\0\0\0\0"
         assert struct.unpack_from("<Q", data, 16)[0] == raw_len
         (g,) = groups[ci]
-        # writer rule (5.2): bytegroup(g) iff 2 <= g <= 16 and raw_len % g == 0
-        if 2 <= g <= 16 and raw_len % g == 0:
+        # writer rule (5.2): bytegroup(g) iff 2 <= g <= 16, raw_len % g == 0, raw_len >= 1024
+        if 2 <= g <= 16 and raw_len % g == 0 and raw_len >= 1024:
             assert (filt, n) == (1, g)
         else:
             assert (filt, n) == (0, 1)
@@ -257,13 +257,12 @@ def test_worked_example_of_the_document(tmp_path: Path) -> None:
     store = small_store(tmp_path / "s")
     v = store.save({"w": np.array([1.0, -2.0], dtype=np.float32)})
     cid = "54847fa2028a3457068a78ba8e6a086cccf672def025d7e4cb2761b538edbf3f"
-    assert store.manifest(v.id)["chunks"] == [[cid, 8, 96]]
+    assert store.manifest(v.id)["chunks"] == [[cid, 8, 48]]
     data = (Path(store.root) / "objects" / "54" / cid[2:]).read_bytes()
-    plane_entry = bytes.fromhex("00" * 8 + "0200000000000000")
-    expected = (
-        bytes.fromhex("434b50544348 4e4b 0100 01 04 00000000 0800000000000000")
-        + plane_entry * 4
-        + bytes.fromhex("0000 0000 8000 3fc0")
+    expected = bytes.fromhex(
+        "434b50544348 4e4b 0100 00 01 00000000 0800000000000000"
+        "00 00000000000000 0800000000000000"
+        "0000803f 000000c0"
     )
     assert data == expected
     assert ref.decode_chunk(data, cid, 8) == np.array([1.0, -2.0], "<f4").tobytes()

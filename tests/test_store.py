@@ -253,3 +253,53 @@ def test_ids_are_never_reused_after_deleting_the_latest(store: ckpt.Store) -> No
     assert v.id == 3
     assert [(x.id, x.step) for x in ckpt.Store(store.root).versions()] == [(1, 1), (3, 3)]
     assert store.load(3)["a"].tolist() == [7.0, 7.0]
+
+
+def test_ids_stay_unique_after_deleting_several_newest(store: ckpt.Store) -> None:
+    for i in range(3):
+        store.save({"a": np.full(2, float(i))})
+    store.delete(3)
+    store.delete(2)
+    assert store.save({"a": np.zeros(2)}).id == 4
+
+
+def test_colliding_leaf_paths_are_refused(store: ckpt.Store) -> None:
+    with pytest.raises(TypeError, match=r"dict keys 1 and '1' at 'm' give the same leaf path"):
+        store.save({"m": {1: np.zeros(1), "1": np.ones(1)}})
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda m: m.update(stats=[]),
+        lambda m: m.update(tree={"t": "dict", "k": ["a"], "v": [5]}),
+        lambda m: m["tree"]["v"].__setitem__(0, {"t": "tensor", "i": -1}),
+        lambda m: m["tree"]["v"].__setitem__(0, {"t": "tensor", "i": 9}),
+        lambda m: m["tensors"][0].update(nbytes=7),
+        lambda m: m["tensors"][0].update(shape=[2**40, 2**40]),
+        lambda m: m["chunks"][0].__setitem__(0, "../../../etc/passwd"),
+    ],
+)
+def test_malformed_manifests_are_format_errors_everywhere(store: ckpt.Store, damage) -> None:
+    store.save({"a": np.zeros(4), "b": np.ones(4)})
+    store.save({"c": np.zeros(1)})
+    p = Path(store.root, "versions", "000000000001.json")
+    m = json.loads(p.read_text())
+    damage(m)
+    p.write_text(json.dumps(m))
+    with pytest.raises(ckpt.FormatError, match="version 1: malformed manifest"):
+        store.load(1)
+    (report,) = [r for r in store.verify() if r.version == 1]
+    assert not report.ok and report.problems[0].kind == "format"
+    assert store.load(2)["c"].tolist() == [0.0]
+    with pytest.raises(ckpt.FormatError, match="gc stopped before deleting anything"):
+        store.gc()
+
+
+def test_chunking_parameters_are_recorded_so_reopened_stores_still_dedup(tmp_path: Path) -> None:
+    first = ckpt.Store(tmp_path / "s", chunk_size=64 * 1024, small_threshold=4096)
+    tree = model(0)
+    first.save(tree)
+    again = ckpt.Store(tmp_path / "s")  # no parameters: the recorded ones
+    assert (again.chunk_size, again.small_threshold) == (64 * 1024, 4096)
+    assert again.save(tree).new_bytes == 0

@@ -40,7 +40,7 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 << 20
 #: Most tensors one version may hold.
 MAX_TENSORS = 10_000_000
-_NAME = re.compile(r"^(\d{12})\.json$")
+_NAME = re.compile(r"^([0-9]{12})\.json$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -202,6 +202,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
         FormatError: anything malformed, naming ``where`` and the field.
     """
     from .adapters.numpy import DTYPE_NAMES, _itemsize_of
+    from .tree import iter_tensor_nodes
 
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: manifest of {len(data)} bytes exceeds the limit")
@@ -239,9 +240,12 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
             raise ValueError("tensors must be a list of at most 10M entries")
         for t in tensors:
             _check_tensor(t, chunks, DTYPE_NAMES, _itemsize_of)
-        if not isinstance(m.get("tree"), dict):
-            raise ValueError("tree must be an object")
-    except (KeyError, ValueError, TypeError) as exc:
+        if not isinstance(m.get("stats", {}), dict):
+            raise ValueError("stats must be an object")
+        for path, index in iter_tensor_nodes(m.get("tree")):
+            if index >= len(tensors):
+                raise ValueError(f"tree leaf {path!r} refers to tensor {index} of {len(tensors)}")
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: malformed manifest: {exc}") from None
     return m
 
@@ -340,8 +344,14 @@ class ListingCache:
     def rewrite(self, versions: Iterable[Version]) -> None:
         """Replaces the cache atomically with exactly ``versions``."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
+        text = "".join(
+            json.dumps(v.summary(), separators=(",", ":"), allow_nan=False) + "\n" for v in versions
+        )
         with contextlib.suppress(OSError):
-            with open(tmp, "w", encoding="utf-8") as f:
-                for v in versions:
-                    f.write(json.dumps(v.summary(), separators=(",", ":"), allow_nan=False) + "\n")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
             os.replace(tmp, self.path)

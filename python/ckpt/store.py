@@ -127,8 +127,11 @@ class Store:
     Args:
         root: the store directory; created (with its layout) if missing.
         create: when False, a missing store is an error instead.
-        chunk_size: raw bytes per chunk of large tensors.
-        small_threshold: tensors smaller than this are packed together.
+        chunk_size: raw bytes per chunk of large tensors. None: the value
+            recorded when the store was created (so that later versions cut
+            tensors the same way and deduplicate), else 8 MiB.
+        small_threshold: tensors smaller than this are packed together
+            (None: as recorded, else 1 MiB).
         level: zstd level for compressible byte planes.
         min_saving: a plane is compressed only if that saves this fraction.
         durable: fsync chunks, manifests and directories (False: scratch use).
@@ -146,8 +149,8 @@ class Store:
         root: str | os.PathLike[str],
         *,
         create: bool = True,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        small_threshold: int = DEFAULT_SMALL_THRESHOLD,
+        chunk_size: int | None = None,
+        small_threshold: int | None = None,
         level: int = DEFAULT_LEVEL,
         min_saving: float = DEFAULT_MIN_SAVING,
         durable: bool = True,
@@ -155,8 +158,6 @@ class Store:
         lock_timeout: float = 60.0,
     ) -> None:
         self.root = os.fspath(root)
-        self.chunk_size = int(chunk_size)
-        self.small_threshold = min(int(small_threshold), self.chunk_size)
         self.level = int(level)
         self.min_saving = float(min_saving)
         self.durable = bool(durable)
@@ -165,7 +166,12 @@ class Store:
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
-        self._open(create)
+        recorded = self._open(create, chunk_size, small_threshold)
+        self.chunk_size = int(chunk_size or recorded.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+        self.small_threshold = min(
+            int(small_threshold or recorded.get("small_threshold") or DEFAULT_SMALL_THRESHOLD),
+            self.chunk_size,
+        )
         self._cache = ListingCache(self.root)
         self._chunk_maps: dict[int, dict[str, int]] = {}
 
@@ -173,7 +179,10 @@ class Store:
     def _p(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
-    def _open(self, create: bool) -> None:
+    def _open(
+        self, create: bool, chunk_size: int | None, small_threshold: int | None
+    ) -> dict[str, Any]:
+        """Creates or checks the layout; returns the store marker's contents."""
         marker = self._p("ckpt-store.json")
         if not os.path.exists(marker):
             if not create:
@@ -188,10 +197,16 @@ class Store:
             os.makedirs(self.root, exist_ok=True)
             for d in ("objects", "versions", "pins", "tmp", "cache"):
                 os.makedirs(self._p(d), exist_ok=True)
-            info = {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now_text()}
+            info = {
+                "format": STORE_FORMAT,
+                "version": STORE_VERSION,
+                "created": _now_text(),
+                "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
+                "small_threshold": int(small_threshold or DEFAULT_SMALL_THRESHOLD),
+            }
             self._write_atomic(marker, json.dumps(info, indent=1).encode() + b"\n")
             self._fsync_dir(self.root)
-            return
+            return info
         try:
             with open(marker, "rb") as f:
                 info = json.loads(f.read(1 << 16))
@@ -213,6 +228,10 @@ class Store:
                     raise FormatError(f"{self.root}: store layout is damaged ({d}/ is missing)")
                 with contextlib.suppress(OSError):
                     os.makedirs(self._p(d), exist_ok=True)
+        for key in ("chunk_size", "small_threshold"):
+            if key in info and (isinstance(info[key], bool) or not isinstance(info[key], int)):
+                raise FormatError(f"{marker}: {key} must be an int")
+        return info
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -425,19 +444,24 @@ class Store:
     # ---------------------------------------------------------------- listing
     def versions(self) -> list[Version]:
         """Every committed version, ascending by id (served from the listing cache)."""
+        result, dirty = self._listing()
+        if dirty and self._lock_fd is None:
+            # Refresh the derived cache when the lock is free right now; the
+            # listing is recomputed under the lock so no concurrent append is lost.
+            with contextlib.suppress(StoreLockedError, OSError), self._try_writer():
+                self._cache.rewrite(self._listing()[0])
+        return result
+
+    def _listing(self) -> tuple[list[Version], bool]:
+        """The versions now committed, and whether the cache disagreed with them."""
         ids = self._cache.committed_ids()
         cached = self._cache.read()
         missing = ids - cached.keys()
         for vid in sorted(missing):
-            with contextlib.suppress(VersionNotFoundError):
+            with contextlib.suppress(VersionNotFoundError, FormatError):
                 cached[vid] = Version.from_summary(self.manifest(vid))
         result = [cached[i] for i in sorted(ids) if i in cached]
-        stale = len(cached) - len(result)
-        if (missing or stale) and self._lock_fd is None:
-            # Refresh the derived cache when we can take the lock at once.
-            with contextlib.suppress(StoreLockedError, OSError), self._try_writer():
-                self._cache.rewrite(result)
-        return result
+        return result, bool(missing) or len(cached) != len(result)
 
     @contextlib.contextmanager
     def _try_writer(self) -> Iterator[None]:
@@ -726,8 +750,10 @@ class Store:
             vid = self.resolve(version)
             if vid in self.pinned():
                 raise VersionPinnedError(f"version {vid} is pinned; unpin it before deleting it")
-            if vid == max(self._cache.committed_ids()):
+            if vid == max(self._cache.committed_ids()) and vid > self._deleted_high_water():
                 # ids are never reused: remember the highest id before it disappears
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._p("last-id"))
                 self._write_atomic(self._p("last-id"), f"{vid}\n".encode())
                 self._fsync_dir(self.root)
             os.unlink(self._p("versions", manifest_name(vid)))
@@ -741,7 +767,7 @@ class Store:
                 text = f.read(32).decode().strip()
         except FileNotFoundError:
             return 0
-        if not text.isdigit():
+        if not text.isascii() or not text.isdigit():
             raise FormatError(f"{self._p('last-id')}: expected a version id, found {text!r}")
         return int(text)
 

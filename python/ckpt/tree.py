@@ -9,7 +9,8 @@ type (``int`` dict keys stay ints, tuples stay tuples); ``dict`` subclasses
 such as ``OrderedDict`` come back as plain ``dict`` (insertion order kept).
 
 Leaf paths join the keys with ``/``; inside a key ``~`` is written ``~0`` and
-``/`` is written ``~1`` (as in JSON Pointer), so every path is unambiguous.
+``/`` is written ``~1`` (as in JSON Pointer). Paths are unique within a tree:
+a dict holding both ``1`` and ``"1"`` is refused on save.
 """
 
 from __future__ import annotations
@@ -107,12 +108,19 @@ def flatten(
         if isinstance(obj, dict):
             keys: list[str | int] = []
             values: list[Node] = []
+            seen: dict[str, object] = {}
             for key, value in obj.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TypeError(
                         f"dict key {key!r} at {path or '<root>'!r} is a {_describe(key)};"
                         " keys must be str or int"
                     )
+                if str(key) in seen:
+                    raise TypeError(
+                        f"dict keys {seen[str(key)]!r} and {key!r} at {path or '<root>'!r} give"
+                        " the same leaf path; rename one of them"
+                    )
+                seen[str(key)] = key
                 keys.append(key if isinstance(key, str) else int(key))
                 values.append(walk(value, _join(path, key), depth + 1))
             return {"t": "dict", "k": keys, "v": values}
@@ -133,18 +141,36 @@ def flatten(
     return walk(tree, "", 0), leaves
 
 
-def iter_tensor_nodes(node: Node, path: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
-    """Yields ``(path, tensor index)`` for every tensor node of a skeleton."""
+def iter_tensor_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
+    """Yields ``(path, tensor index)`` for every tensor node of a skeleton.
+
+    Raises:
+        ValueError: a container node is malformed, a tensor index is not a
+            non-negative int, or the tree nests deeper than :data:`MAX_DEPTH`.
+    """
     if depth > MAX_DEPTH:
         raise ValueError(f"tree nests deeper than {MAX_DEPTH} levels")
+    if not isinstance(node, dict):
+        raise ValueError(f"malformed tree node at {path!r}")
     t = node.get("t")
     if t == "tensor":
-        yield path, int(node["i"])
+        index = node.get("i")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"tensor node at {path!r} has index {index!r}")
+        yield path, index
     elif t == "dict":
-        for key, value in zip(node["k"], node["v"], strict=True):
+        keys, values = node.get("k"), node.get("v")
+        if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
+            raise ValueError(f"malformed dict node at {path!r}")
+        for key, value in zip(keys, values, strict=True):
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise ValueError(f"dict key {key!r} at {path!r} is not str or int")
             yield from iter_tensor_nodes(value, _join(path, key), depth + 1)
     elif t in ("list", "tuple"):
-        for i, value in enumerate(node["v"]):
+        values = node.get("v")
+        if not isinstance(values, list):
+            raise ValueError(f"malformed {t} node at {path!r}")
+        for i, value in enumerate(values):
             yield from iter_tensor_nodes(value, _join(path, i), depth + 1)
 
 

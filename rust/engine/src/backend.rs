@@ -233,7 +233,10 @@ impl Backend for LocalFs {
         for prefix in &dirs {
             fsync_dir(&self.objects().join(prefix))?;
         }
-        if self.new_dirs.swap(0, Ordering::Relaxed) > 0 {
+        // Also when this writer created no directory: a crashed writer may
+        // have created one without making its entry durable.
+        self.new_dirs.store(0, Ordering::Relaxed);
+        if !dirs.is_empty() {
             fsync_dir(&self.objects())?;
         }
         Ok(())

@@ -28,6 +28,9 @@ pub const MAX_RAW_LEN: u64 = 1 << 30;
 /// Largest group width (`complex128` components are 8 bytes; 16 leaves room).
 pub const MAX_PLANES: usize = 16;
 const FIXED_HEADER: usize = 24;
+/// Chunks smaller than this are not byte-grouped: the planes' header entries
+/// would cost more than grouping can save.
+pub const MIN_GROUPED: usize = 1024;
 const PLANE_ENTRY: usize = 16;
 
 /// How the raw bytes are rearranged before compression.
@@ -42,7 +45,7 @@ pub enum Filter {
 impl Filter {
     /// The filter for items of `group` bytes (1 = no grouping).
     pub fn for_group(group: usize, raw_len: usize) -> Filter {
-        if (2..=MAX_PLANES).contains(&group) && raw_len % group == 0 {
+        if (2..=MAX_PLANES).contains(&group) && raw_len % group == 0 && raw_len >= MIN_GROUPED {
             Filter::ByteGroup(group)
         } else {
             Filter::None
@@ -363,6 +366,16 @@ fn decode_planes(header: &Header, payload: &[u8], object: &str, target: &mut [u8
         match codec {
             Codec::Raw => dst.copy_from_slice(src),
             Codec::Zstd => {
+                // Exactly one frame and nothing after it, as the format says.
+                match zstd::zstd_safe::find_frame_compressed_size(src) {
+                    Ok(n) if n == src.len() => {}
+                    _ => {
+                        return Err(Error::Integrity {
+                            object: object.to_string(),
+                            detail: format!("plane {i} is not exactly one zstd frame"),
+                        })
+                    }
+                }
                 let got =
                     zstd::bulk::decompress_to_buffer(src, dst).map_err(|e| Error::Integrity {
                         object: object.to_string(),
@@ -435,6 +448,12 @@ mod tests {
         round_trip(&[0u8; 100_000], 1);
         round_trip(&[], 4);
         round_trip(&[1, 2, 3], 4); // not a multiple of 4: no grouping
+        let small = [7u8; 1020];
+        let enc = round_trip(&small, 4); // below MIN_GROUPED: no grouping
+        assert_eq!(
+            Header::parse(&enc.header, "x").unwrap().filter,
+            Filter::None
+        );
         round_trip(&(0..255u8).cycle().take(70_001).collect::<Vec<_>>(), 1);
     }
 
