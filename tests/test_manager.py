@@ -154,3 +154,30 @@ def test_closed_manager_refuses_to_save(tmp_path: Path) -> None:
     mgr.close()
     with pytest.raises(ckpt.CheckpointError, match="closed"):
         mgr.save(0, state(0), metrics={"loss": 1.0})
+
+
+def test_ckpt_ls_shows_versions_and_why_they_are_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    mgr = manager(tmp_path, keep=ckpt.Keep(last=1))
+    for step, loss in enumerate([0.5, 0.2, 0.9]):
+        mgr.save(step, state(step), metrics={"loss": loss})
+    out = subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", "ls", mgr.store.root],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert "kept because" in out[0]
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert set(rows) == {"2", "3"}
+    assert "best" in rows["2"] and "loss=0.2" in rows["2"]
+    assert "latest, last 1" in rows["3"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", "ls", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1 and "is not a ckpt store" in missing.stderr
+    assert "Traceback" not in missing.stderr

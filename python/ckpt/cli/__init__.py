@@ -39,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, OSError) as exc:
             print(f"ckpt: error: {exc}", file=sys.stderr)
             return 1
-        print(f"{'id':>6} {'step':>8} {'created':<27} metrics")
+        why = store.explain()
+        print(f"{'id':>6} {'step':>8} {'created':<20} {'kept because':<24} metrics")
         for v in versions:
             metrics = " ".join(f"{k}={val:.6g}" for k, val in sorted(v.metrics.items()))
             step = "-" if v.step is None else str(v.step)
-            print(f"{v.id:>6} {step:>8} {v.created.isoformat(timespec='seconds'):<27} {metrics}")
+            created = v.created.strftime("%Y-%m-%d %H:%M:%S")
+            kept = ", ".join(why.get(v.id, ()))
+            print(f"{v.id:>6} {step:>8} {created:<20} {kept:<24} {metrics}")
         return 0
     _parser().print_help()
     return 0
