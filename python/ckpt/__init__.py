@@ -19,6 +19,7 @@ from .errors import (
     StepExistsError,
     StoreLockedError,
     StoreNotFoundError,
+    UnsafeLoadError,
     VersionNotFoundError,
 )
 from .index import Version
@@ -27,6 +28,16 @@ from .retention import Keep
 from .store import GcResult, Problem, RetentionResult, Store, VerifyResult, VersionPinnedError
 
 __version__ = _core.__version__
+
+
+def __getattr__(name: str) -> object:
+    """``ckpt.torch`` is imported on first use (torch is an optional dependency)."""
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'ckpt' has no attribute {name!r}")
+
 
 try:
     _dist = _dist_version("ckpt-store")
@@ -55,6 +66,7 @@ __all__ = [
     "Store",
     "StoreLockedError",
     "StoreNotFoundError",
+    "UnsafeLoadError",
     "VerifyResult",
     "Version",
     "VersionNotFoundError",

@@ -18,6 +18,7 @@ __all__ = [
     "StepExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "UnsafeLoadError",
     "VersionNotFoundError",
 ]
 
@@ -94,3 +95,7 @@ class MissingMetricError(CheckpointError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class UnsafeLoadError(CheckpointError):
+    """Loading would unpickle objects (run code) and ``allow_pickle`` was not given."""

@@ -202,7 +202,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
         FormatError: anything malformed, naming ``where`` and the field.
     """
     from .adapters.numpy import DTYPE_NAMES, _itemsize_of
-    from .tree import iter_tensor_nodes
+    from .tree import iter_data_nodes
 
     if len(data) > MAX_MANIFEST_BYTES:
         raise FormatError(f"{where}: manifest of {len(data)} bytes exceeds the limit")
@@ -242,9 +242,12 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
             _check_tensor(t, chunks, DTYPE_NAMES, _itemsize_of)
         if not isinstance(m.get("stats", {}), dict):
             raise ValueError("stats must be an object")
-        for path, index in iter_tensor_nodes(m.get("tree")):
+        for path, node in iter_data_nodes(m.get("tree")):
+            index = node["i"]
             if index >= len(tensors):
                 raise ValueError(f"tree leaf {path!r} refers to tensor {index} of {len(tensors)}")
+            if node["t"] == "view":
+                _check_view(path, node, tensors[index])
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: malformed manifest: {exc}") from None
     return m
@@ -282,6 +285,19 @@ def _check_tensor(t: object, chunks: list[Any], names: tuple[str, ...], itemsize
         total += ln
     if total != nbytes:
         raise ValueError(f"tensor {path!r}: spans hold {total} bytes, expected {nbytes}")
+
+
+def _check_view(path: str, node: dict[str, Any], base: dict[str, Any]) -> None:
+    """A view must stay inside its base tensor (a 1-D run of elements)."""
+    numel = 1
+    for d in base["shape"]:
+        numel *= d
+    shape, stride = node["shape"], node["stride"]
+    if 0 in shape:
+        return
+    last = node["offset"] + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    if last >= numel:
+        raise ValueError(f"view {path!r} reaches element {last} of a base of {numel}")
 
 
 class ListingCache:

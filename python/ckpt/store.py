@@ -20,7 +20,9 @@ import fcntl
 import fnmatch
 import json
 import os
+import pickle
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +40,7 @@ from .errors import (
     IntegrityError,
     StoreLockedError,
     StoreNotFoundError,
+    UnsafeLoadError,
     VersionNotFoundError,
 )
 from .index import (
@@ -50,7 +53,7 @@ from .index import (
     version_id_of,
 )
 from .retention import Keep, Plan, plan_retention
-from .tree import flatten, unflatten
+from .tree import Leaf, LeafHook, Opaque, View, flatten, iter_data_nodes, unflatten
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -338,6 +341,7 @@ class Store:
         metrics: dict[str, float] | None = None,
         meta: dict[str, Any] | None = None,
         trainer: dict[str, Any] | None = None,
+        allow_pickle: bool = False,
     ) -> Version:
         """Saves ``tree`` as a new version and returns it.
 
@@ -351,6 +355,10 @@ class Store:
             metrics: metric name -> real number.
             meta: any JSON-serialisable dict (e.g. git commit, config).
             trainer: state of the training loop (early stopping, counters).
+            allow_pickle: store objects that are neither tensors nor JSON
+                (e.g. a scheduler holding a lambda) with pickle. Loading them
+                then needs ``allow_pickle=True`` too. Off by default: a pickle
+                runs code when it is loaded.
 
         Raises:
             TypeError: a leaf, key, metric or meta value cannot be stored (the
@@ -372,11 +380,11 @@ class Store:
                 json.dumps(obj, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"{what} must be JSON-serialisable (no NaN): {exc}") from None
-        skeleton, leaves = flatten(tree)
+        skeleton, leaves = flatten(tree, _leaf_hook(tree, allow_pickle))
         arrays, names = [], []
         for leaf in leaves:
             try:
-                names.append(npa.dtype_name(leaf.array.dtype))
+                names.append(leaf.dtype_name or npa.dtype_name(leaf.array.dtype))
             except TypeError as exc:
                 raise TypeError(f"leaf {leaf.path!r}: {exc}") from None
             arrays.append(npa.as_saveable(leaf.array))
@@ -406,6 +414,7 @@ class Store:
                     "nbytes": int(a.nbytes),
                     "spans": [list(s) for s in sp],
                     **({"scalar": True} if leaf.scalar else {}),
+                    **leaf.extra,
                 }
                 for leaf, name, a, sp in zip(leaves, names, arrays, spans, strict=True)
             ]
@@ -562,6 +571,9 @@ class Store:
         *,
         only: str | Sequence[str] | None = None,
         into: Any = None,
+        map_location: Any = None,
+        as_numpy: bool = False,
+        allow_pickle: bool = False,
     ) -> Any:
         """Restores a version's tree (latest by default), verifying every byte.
 
@@ -574,12 +586,19 @@ class Store:
                 state). A leaf at the same path with the same dtype and shape,
                 C-contiguous and writable, is filled in place and returned
                 instead of a new array; other leaves are allocated as usual.
+                torch tensors work the same way (CUDA ones are filled by a copy).
+            map_location: device for torch tensors (default: where they were saved).
+            as_numpy: return torch leaves as numpy arrays (no torch needed).
+            allow_pickle: load objects saved with ``allow_pickle=True``. Only
+                for stores you trust: unpickling runs code.
 
         Raises:
             VersionNotFoundError: no such version (or an empty store).
             IntegrityError: a chunk is damaged or missing; the message names
                 the version, the tensors and the chunk.
             FormatError: the manifest or a chunk header is malformed.
+            UnsafeLoadError: the version holds pickled objects and
+                ``allow_pickle`` is False.
         """
         vid = self.resolve(version)
         m = self.manifest(vid)
@@ -588,51 +607,84 @@ class Store:
         def keep(path: str) -> bool:
             return patterns is None or any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
-        from .tree import iter_tensor_nodes
-
-        wanted = {i for path, i in iter_tensor_nodes(m["tree"]) if keep(path)}
+        nodes = [(path, n) for path, n in iter_data_nodes(m["tree"]) if keep(path)]
+        pickled = [path for path, n in nodes if n["t"] == "pickle"]
+        if pickled and not allow_pickle:
+            raise UnsafeLoadError(
+                f"version {vid} holds pickled objects ({', '.join(map(repr, pickled[:3]))});"
+                " loading them runs code: pass allow_pickle=True only for a store you trust"
+            )
+        wanted = {n["i"] for _, n in nodes}
         tensors = m["tensors"]
-        if any(i >= len(tensors) for i in wanted):
-            raise FormatError(f"version {vid}: tree refers to a tensor that is not in the table")
-        reuse: dict[str, np.ndarray[Any, Any]] = {}
+        reuse: dict[str, Any] = {}
         if into is not None:
-            reuse = {leaf.path: leaf.array for leaf in flatten(into)[1] if not leaf.scalar}
-        arrays: dict[int, np.ndarray[Any, Any]] = {}
+            hook = _leaf_hook(into, False, keep_objects=True)
+            reuse = {
+                leaf.path: leaf.extra.get("object", leaf.array) for leaf in flatten(into, hook)[1]
+            }
+        torch_adapter = None
+        objects: dict[int, Any] = {}
+        views: dict[int, np.ndarray[Any, Any]] = {}
         for i in sorted(wanted):
             t = tensors[i]
+            target = reuse.get(t["path"])
+            if t.get("leaf") == "torch" and not as_numpy:
+                torch_adapter = torch_adapter or _torch_adapter(vid)
+                try:
+                    objects[i], views[i] = torch_adapter.allocate(t, target)
+                except ValueError as exc:
+                    raise FormatError(f"version {vid}: tensor {t['path']!r}: {exc}") from None
+                continue
             try:
                 dtype = npa.dtype_from_name(t["dtype"])
             except ValueError as exc:
                 raise FormatError(f"version {vid}: tensor {t['path']!r}: {exc}") from None
             shape = tuple(t["shape"])
-            target = reuse.get(t["path"])
-            if (
-                target is not None
+            if not (
+                isinstance(target, np.ndarray)
                 and target.dtype == dtype
                 and target.shape == shape
                 and target.flags.c_contiguous
                 and target.flags.writeable
             ):
-                arrays[i] = target
-            else:
-                arrays[i] = np.empty(shape, dtype=dtype)
-        self._read_tensors(vid, m, arrays)
+                target = np.empty(shape, dtype=dtype)
+            objects[i], views[i] = target, npa.byte_view(target)
+        self._read_tensors(vid, m, views)
         out: dict[int, object] = {}
-        for i, a in arrays.items():
-            a = npa.to_native(a)
-            out[i] = a[()] if tensors[i].get("scalar") else a
+        for i, obj in objects.items():
+            t = tensors[i]
+            if torch_adapter is not None and t.get("leaf") == "torch" and not as_numpy:
+                out[i] = torch_adapter.finish(obj, t, reuse.get(t["path"]), map_location)
+            else:
+                a = npa.to_native(obj)
+                out[i] = a[()] if t.get("scalar") else a
+
+        def make(node: dict[str, Any], base: Any) -> object:
+            if node["t"] == "pickle":
+                return pickle.loads(bytes(base))  # allowed explicitly above
+            if torch_adapter is not None and not isinstance(base, np.ndarray):
+                return torch_adapter.make_view(node, base)
+            item = base.dtype.itemsize
+            return np.lib.stride_tricks.as_strided(
+                base[node["offset"] :],
+                shape=node["shape"],
+                strides=[st * item for st in node["stride"]],
+                writeable=False,
+            )
+
         try:
-            return unflatten(m["tree"], out, keep if patterns is not None else None)
+            return unflatten(m["tree"], out, keep if patterns is not None else None, make)
         except ValueError as exc:
             raise FormatError(f"version {vid}: malformed tree: {exc}") from None
 
     def _read_tensors(
-        self, vid: int, m: dict[str, Any], arrays: dict[int, np.ndarray[Any, Any]]
+        self, vid: int, m: dict[str, Any], views: dict[int, np.ndarray[Any, Any]]
     ) -> None:
+        """Restores tensor ``i`` of the manifest into ``views[i]`` (flat uint8 of its size)."""
         chunk_table = m["chunks"]
         used: dict[int, int] = {}
         placements = []
-        order = sorted(arrays)
+        order = sorted(views)
         for target, i in enumerate(order):
             offset = 0
             for ci, coff, ln in m["tensors"][i]["spans"]:
@@ -640,7 +692,7 @@ class Store:
                 placements.append((local, coff, ln, target, offset))
                 offset += ln
         chunks = [(chunk_table[ci][0], chunk_table[ci][1]) for ci in used]
-        targets = [npa.byte_view(arrays[i]) for i in order]
+        targets = [views[i] for i in order]
         try:
             _core.restore_chunks(self.root, chunks, targets, placements, threads=self.threads)
         except (IntegrityError, FormatError) as exc:
@@ -881,6 +933,44 @@ class Store:
     def stored_bytes(self) -> int:
         """Bytes of every chunk object in the store (what the store occupies)."""
         return sum(n for _, n in _core.list_objects(self.root))
+
+
+def _leaf_hook(tree: object, allow_pickle: bool, keep_objects: bool = False) -> LeafHook | None:
+    """The flatten hook for framework tensors (torch when it is imported) and opt-in pickle."""
+    encoder: Any = None
+    if "torch" in sys.modules:
+        from .adapters import torch as torch_adapter
+
+        encoder = torch_adapter.Encoder(tree)
+    if encoder is None and not allow_pickle and not keep_objects:
+        return None
+
+    def hook(path: str, obj: object) -> Leaf | View | Opaque | None:
+        if keep_objects:  # for into=: remember the object itself, no conversion
+            return Leaf(path, np.empty(0, np.uint8), extra={"object": obj})
+        if encoder is not None:
+            found: Leaf | View | None = encoder(path, obj)
+            if found is not None:
+                return found
+        if allow_pickle:
+            data = pickle.dumps(obj, protocol=5)
+            return Opaque(
+                "pickle", Leaf(path, np.frombuffer(data, np.uint8), extra={"role": "pickle"})
+            )
+        return None
+
+    return hook
+
+
+def _torch_adapter(vid: int) -> Any:
+    try:
+        from .adapters import torch as torch_adapter
+    except ImportError:
+        raise FormatError(
+            f"version {vid} holds torch tensors and torch is not installed;"
+            " pip install 'ckpt-store[torch]', or load with as_numpy=True"
+        ) from None
+    return torch_adapter
 
 
 def _now_text() -> str:

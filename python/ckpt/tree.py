@@ -21,7 +21,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_DEPTH", "Leaf", "escape_key", "flatten", "iter_tensor_nodes", "unflatten"]
+__all__ = [
+    "MAX_DEPTH",
+    "Leaf",
+    "LeafHook",
+    "Opaque",
+    "View",
+    "escape_key",
+    "flatten",
+    "iter_data_nodes",
+    "iter_tensor_nodes",
+    "unflatten",
+]
+
+#: Node types that refer to an entry of the tensor table by "i".
+DATA_NODES = ("tensor", "view", "pickle")
 
 #: Deepest nesting of containers accepted on save and on load.
 MAX_DEPTH = 64
@@ -30,14 +44,67 @@ Node = dict[str, Any]
 
 
 class Leaf:
-    """An array leaf found by :func:`flatten`: its path and the array itself."""
+    """An array leaf found by :func:`flatten`.
 
-    __slots__ = ("array", "path", "scalar")
+    Attributes:
+        path: the leaf path (``/``-joined escaped keys).
+        array: the numpy array holding the bytes (any layout; the store makes
+            it contiguous and little-endian).
+        scalar: a numpy scalar (comes back as one).
+        dtype_name: the format's dtype name when the array's own dtype is only
+            a same-width carrier (e.g. ``uint16`` bytes of a torch ``bfloat16``).
+        extra: fields added to the tensor's manifest entry (e.g. ``leaf``,
+            ``torch``, ``role``).
+    """
 
-    def __init__(self, path: str, array: np.ndarray[Any, Any], scalar: bool) -> None:
+    __slots__ = ("array", "dtype_name", "extra", "path", "scalar")
+
+    def __init__(
+        self,
+        path: str,
+        array: np.ndarray[Any, Any],
+        scalar: bool = False,
+        dtype_name: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.array = array
         self.scalar = scalar
+        self.dtype_name = dtype_name
+        self.extra = extra or {}
+
+
+class View:
+    """A tensor that shares memory with others: a strided view of a base leaf.
+
+    An adapter returns a View for each tensor of a group that shares one
+    storage (tied weights, views of one buffer); all views of a group name the
+    same ``base_key`` and carry the same ``base`` leaf, which is stored once.
+    """
+
+    __slots__ = ("base", "base_key", "offset", "shape", "stride")
+
+    def __init__(
+        self, base_key: object, base: Leaf, offset: int, shape: list[int], stride: list[int]
+    ) -> None:
+        self.base_key = base_key
+        self.base = base
+        self.offset = offset
+        self.shape = shape
+        self.stride = stride
+
+
+class Opaque:
+    """An object an adapter stores as bytes under a node type of its own (pickle)."""
+
+    __slots__ = ("kind", "leaf")
+
+    def __init__(self, kind: str, leaf: Leaf) -> None:
+        self.kind = kind
+        self.leaf = leaf
+
+
+LeafHook = Callable[[str, object], "Leaf | View | Opaque | None"]
 
 
 def escape_key(key: str | int) -> str:
@@ -63,16 +130,16 @@ def _describe(obj: object) -> str:
     )
 
 
-def flatten(
-    tree: object, to_array: Callable[[str, object], np.ndarray[Any, Any] | None] | None = None
-) -> tuple[Node, list[Leaf]]:
+def flatten(tree: object, to_leaf: LeafHook | None = None) -> tuple[Node, list[Leaf]]:
     """Splits ``tree`` into a JSON skeleton and its array leaves.
 
     Args:
         tree: the state tree.
-        to_array: optional hook that turns a framework object (e.g. a torch
-            tensor) into a numpy array, or returns ``None`` when it does not
-            recognise it.
+        to_leaf: optional adapter hook, called for objects that are not
+            containers, scalars or numpy arrays: returns a :class:`Leaf`
+            (a tensor), a :class:`View` (a tensor sharing memory with
+            others), an :class:`Opaque` (bytes under its own node type), or
+            None when it does not recognise the object.
 
     Returns:
         ``(skeleton, leaves)``; ``skeleton`` is JSON-serialisable.
@@ -82,6 +149,7 @@ def flatten(
             its path), or the tree nests deeper than :data:`MAX_DEPTH`.
     """
     leaves: list[Leaf] = []
+    bases: dict[object, int] = {}
 
     def walk(obj: object, path: str, depth: int) -> Node:
         if depth > MAX_DEPTH:
@@ -127,11 +195,28 @@ def flatten(
         if isinstance(obj, (list, tuple)):
             items = [walk(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
             return {"t": "tuple" if isinstance(obj, tuple) else "list", "v": items}
-        if to_array is not None:
-            array = to_array(path, obj)
-            if array is not None:
-                leaves.append(Leaf(path, array, scalar=False))
+        if to_leaf is not None:
+            found = to_leaf(path, obj)
+            if isinstance(found, Leaf):
+                found.path = path
+                leaves.append(found)
                 return {"t": "tensor", "i": len(leaves) - 1}
+            if isinstance(found, View):
+                if found.base_key not in bases:
+                    found.base.path = f"#storage/{len(bases)}"
+                    leaves.append(found.base)
+                    bases[found.base_key] = len(leaves) - 1
+                return {
+                    "t": "view",
+                    "i": bases[found.base_key],
+                    "offset": found.offset,
+                    "shape": found.shape,
+                    "stride": found.stride,
+                }
+            if isinstance(found, Opaque):
+                found.leaf.path = path
+                leaves.append(found.leaf)
+                return {"t": found.kind, "i": len(leaves) - 1}
         raise TypeError(
             f"leaf {path or '<root>'!r} is a {_describe(obj)}, which ckpt cannot store without"
             " pickle; a state tree holds dict/list/tuple of arrays, int, float, bool, str and"
@@ -141,8 +226,14 @@ def flatten(
     return walk(tree, "", 0), leaves
 
 
-def iter_tensor_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tuple[str, int]]:
-    """Yields ``(path, tensor index)`` for every tensor node of a skeleton.
+def iter_tensor_nodes(node: object) -> Iterator[tuple[str, int]]:
+    """Yields ``(path, tensor index)`` for every node that refers to the tensor table."""
+    for path, n in iter_data_nodes(node):
+        yield path, n["i"]
+
+
+def iter_data_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node]]:
+    """Yields ``(path, node)`` for every tensor, view and pickle node of a skeleton.
 
     Raises:
         ValueError: a container node is malformed, a tensor index is not a
@@ -153,11 +244,27 @@ def iter_tensor_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[
     if not isinstance(node, dict):
         raise ValueError(f"malformed tree node at {path!r}")
     t = node.get("t")
-    if t == "tensor":
+    if t in DATA_NODES:
         index = node.get("i")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"tensor node at {path!r} has index {index!r}")
-        yield path, index
+            raise ValueError(f"{t} node at {path!r} has index {index!r}")
+        if t == "view":
+            for field in ("shape", "stride"):
+                dims = node.get(field)
+                if (
+                    not isinstance(dims, list)
+                    or len(dims) > 64
+                    or not all(
+                        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims
+                    )
+                ):
+                    raise ValueError(f"view node at {path!r} has a bad {field}")
+            offset = node.get("offset")
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"view node at {path!r} has a bad offset")
+            if len(node["shape"]) != len(node["stride"]):
+                raise ValueError(f"view node at {path!r}: shape and stride differ in length")
+        yield path, node
     elif t == "dict":
         keys, values = node.get("k"), node.get("v")
         if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
@@ -165,13 +272,13 @@ def iter_tensor_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[
         for key, value in zip(keys, values, strict=True):
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise ValueError(f"dict key {key!r} at {path!r} is not str or int")
-            yield from iter_tensor_nodes(value, _join(path, key), depth + 1)
+            yield from iter_data_nodes(value, _join(path, key), depth + 1)
     elif t in ("list", "tuple"):
         values = node.get("v")
         if not isinstance(values, list):
             raise ValueError(f"malformed {t} node at {path!r}")
         for i, value in enumerate(values):
-            yield from iter_tensor_nodes(value, _join(path, i), depth + 1)
+            yield from iter_data_nodes(value, _join(path, i), depth + 1)
 
 
 _MISSING = object()
@@ -181,6 +288,7 @@ def unflatten(
     node: Node,
     tensors: dict[int, object],
     keep: Callable[[str], bool] | None = None,
+    make: Callable[[Node, object], object] | None = None,
 ) -> object:
     """Rebuilds a tree from its skeleton and the loaded tensors.
 
@@ -189,6 +297,8 @@ def unflatten(
         tensors: loaded tensors by index.
         keep: when given, only leaves whose path it accepts are rebuilt;
             containers left empty by the selection are dropped (except the root).
+        make: builds the object of a ``view`` or ``pickle`` node from the
+            node and its loaded base tensor.
 
     Raises:
         ValueError: the skeleton is malformed (unknown node type, bad keys,
@@ -231,11 +341,15 @@ def unflatten(
             return tuple(kept) if t == "tuple" else kept
         if keep is not None and not keep(path):
             return _MISSING
-        if t == "tensor":
+        if t in DATA_NODES:
             index = n.get("i")
             if not isinstance(index, int) or index not in tensors:
-                raise ValueError(f"tensor node at {path!r} refers to unknown tensor {index!r}")
-            return tensors[index]
+                raise ValueError(f"{t} node at {path!r} refers to unknown tensor {index!r}")
+            if t == "tensor":
+                return tensors[index]
+            if make is None:
+                raise ValueError(f"no loader for {t} node at {path!r}")
+            return make(n, tensors[index])
         if t == "none":
             return None
         v = n.get("v")
