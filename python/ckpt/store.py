@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -699,6 +699,34 @@ class Store:
             raise self._located(exc, vid, m) from None
         except ValueError as exc:  # placements that do not fit the manifest's own tables
             raise FormatError(f"version {vid}: {exc}") from None
+
+    def read_tensor_bytes(
+        self, manifest: dict[str, Any], indices: Iterable[int]
+    ) -> dict[int, np.ndarray[Any, Any]]:
+        """The stored (little-endian) bytes of entries of a manifest's tensor table.
+
+        A read-only helper for tools that stream a version entry by entry
+        without rebuilding its tree (``ckpt restore``, ``export``, ``diff``).
+        Every chunk is verified; chunks shared by the requested entries are
+        decoded once per call.
+
+        Args:
+            manifest: a manifest returned by :meth:`manifest`.
+            indices: positions in ``manifest["tensors"]``.
+
+        Returns:
+            index -> flat ``uint8`` array of the entry's ``nbytes`` bytes.
+
+        Raises:
+            IntegrityError: a chunk is damaged or missing (the message names
+                the version, the tensors and the chunk).
+            FormatError: a chunk header or the manifest's tables are malformed.
+        """
+        tensors = manifest["tensors"]
+        views = {i: np.empty(int(tensors[i]["nbytes"]), np.uint8) for i in indices}
+        if views:
+            self._read_tensors(int(manifest["id"]), manifest, views)
+        return views
 
     def _located(
         self, exc: IntegrityError | FormatError, vid: int, m: dict[str, Any]

@@ -90,7 +90,14 @@ def _host(t: torch.Tensor) -> torch.Tensor:
 def _carrier(t: torch.Tensor) -> np.ndarray[Any, Any]:
     """A numpy array over the tensor's CPU memory with the same item width."""
     if t.dtype not in _NUMPY_NATIVE:
-        t = t.view(_CARRIER[t.element_size()])
+        width = t.element_size()
+        if t.numel() == 0:
+            return np.empty(tuple(t.shape), dtype=f"<i{width}")
+        if t.dim() > 0 and t.stride(-1) != 1:
+            # a dtype view needs unit stride in the last dim; .contiguous() may
+            # keep odd strides of size-1 dims, so copy into a fresh tensor
+            t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        t = t.view(_CARRIER[width])
     return t.numpy()
 
 
@@ -126,6 +133,8 @@ class Encoder:
     def __init__(self, tree: object) -> None:
         groups: dict[tuple[str, int], list[torch.Tensor]] = {}
         for t in _tensors(tree):
+            if t.layout != torch.strided or t.is_quantized:
+                continue  # refused with a clear error when the leaf is reached
             if t.numel() > 0 and t.untyped_storage().data_ptr() != 0:
                 groups.setdefault(_storage_key(t), []).append(t)
         # storage -> (first element, end element) for groups of one dtype used twice or more
