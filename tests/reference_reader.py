@@ -324,10 +324,23 @@ def _check_tree(node: object, n_tensors: int, depth: int = 0) -> None:
             raise ReaderError(f"malformed {t} node")
         for v in values:
             _check_tree(v, n_tensors, depth + 1)
-    elif t == "tensor":
+    elif t in ("tensor", "view"):
         i = node.get("i")
         if not _is_int(i) or not 0 <= i < n_tensors:
-            raise ReaderError(f"tensor node index {i!r} out of range")
+            raise ReaderError(f"{t} node index {i!r} out of range")
+        if t == "view":
+            shape, stride, offset = node.get("shape"), node.get("stride"), node.get("offset")
+            if not (
+                isinstance(shape, list)
+                and isinstance(stride, list)
+                and len(shape) == len(stride) <= 64
+                and all(_is_int(d) and d >= 0 for d in shape + stride)
+                and _is_int(offset)
+                and offset >= 0
+            ):
+                raise ReaderError("malformed view node")
+    elif t == "pickle":
+        raise ReaderError("the reference reader never unpickles (a pickle node)")
     elif t == "none":
         pass
     elif t == "bool":
@@ -458,6 +471,19 @@ def _build(node: dict[str, Any], tensors: list[Any]) -> Any:
         return tuple(_build(v, tensors) for v in node["v"])
     if t == "tensor":
         return tensors[node["i"]]
+    if t == "view":  # section 7.4: strided elements of a 1-D base
+        base = tensors[node["i"]]
+        shape, stride, offset = node["shape"], node["stride"], node["offset"]
+        if 0 not in shape:
+            last = offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+            if last >= base.size:
+                raise ReaderError("view reaches outside its base")
+        return np.lib.stride_tricks.as_strided(
+            base[offset:],
+            shape=shape,
+            strides=[st * base.itemsize for st in stride],
+            writeable=False,
+        )
     if t == "none":
         return None
     if t in ("bool", "int", "str"):

@@ -258,3 +258,16 @@ def test_a_pickle_where_a_manifest_should_be_never_executes(tmp_path: Path, monk
         s.load(1)
     assert not (tmp_path / "PWNED").exists()
     assert not any(r.ok for r in s.verify())
+
+
+def test_reference_reader_reads_torch_leaves_and_shared_views(tmp_path: Path) -> None:
+    import reference_reader as ref
+
+    s = store(tmp_path)
+    buf = torch.randn(200)
+    tree = {"a": buf[10:110].view(10, 10), "b": buf[::4], "bf": torch.randn(50).to(torch.bfloat16)}
+    v = s.save(tree)
+    out, _ = ref.read_version(s.root, v.id)
+    assert out["a"].tobytes() == tree["a"].numpy().tobytes()
+    assert out["b"].tobytes() == tree["b"].contiguous().numpy().tobytes()
+    assert out["bf"].tobytes() == raw(tree["bf"])
