@@ -17,7 +17,6 @@
 
 use crate::bytegroup;
 use crate::error::{Error, Result};
-use std::borrow::Cow;
 
 /// First eight bytes of every chunk file.
 pub const MAGIC: &[u8; 8] = b"CKPTCHNK";
@@ -186,9 +185,11 @@ impl Header {
                     "plane {i}: raw plane of {stored} bytes, expected {plane_raw}"
                 )));
             }
-            if stored > MAX_RAW_LEN * 2 {
+            // A writer keeps zstd only when it is smaller than the plane, so a
+            // larger stored length is damage (and would size allocations).
+            if stored > plane_raw + 64 {
                 return Err(bad(format!(
-                    "plane {i}: stored length {stored} is too large"
+                    "plane {i}: stored length {stored} exceeds the plane's {plane_raw} bytes"
                 )));
             }
             planes.push((codec, stored));
@@ -202,98 +203,180 @@ impl Header {
 }
 
 /// An encoded chunk: header bytes plus payload pieces, ready to be written.
-/// Raw planes of an unfiltered chunk borrow the caller's bytes (no copy).
+/// Payloads borrow the caller's bytes (raw planes of unfiltered chunks) or
+/// the encoder's buffers: nothing is copied to build them.
 pub struct Encoded<'a> {
     pub header: Vec<u8>,
-    pub payloads: Vec<Cow<'a, [u8]>>,
+    pub payloads: Vec<&'a [u8]>,
     /// Size of the chunk file: header plus payloads.
     pub stored_len: u64,
 }
 
-/// Encodes `raw` with the filter for `group`-byte items. Deterministic: the
-/// output depends only on the input bytes and the options.
-pub fn encode<'a>(raw: &'a [u8], group: usize, opts: &EncodeOptions) -> Result<Encoded<'a>> {
-    if raw.len() as u64 > MAX_RAW_LEN {
-        return Err(Error::Invalid(format!(
-            "chunk of {} bytes exceeds the limit {MAX_RAW_LEN}",
-            raw.len()
-        )));
-    }
-    let filter = Filter::for_group(group, raw.len());
-    let planes: Vec<Cow<'a, [u8]>> = match filter {
-        Filter::None => vec![Cow::Borrowed(raw)],
-        Filter::ByteGroup(n) => bytegroup::split(raw, n)
-            .into_iter()
-            .map(Cow::Owned)
-            .collect(),
-    };
-    let mut entries = Vec::with_capacity(planes.len());
-    let mut payloads = Vec::with_capacity(planes.len());
-    for plane in planes {
-        match compress_plane(&plane, opts)? {
-            Some(z) => {
-                entries.push((Codec::Zstd, z.len() as u64));
-                payloads.push(Cow::Owned(z));
-            }
-            None => {
-                entries.push((Codec::Raw, plane.len() as u64));
-                payloads.push(plane);
-            }
-        }
-    }
-    let header = Header {
-        filter,
-        raw_len: raw.len() as u64,
-        planes: entries,
-    };
-    let stored_len = header.file_len();
-    Ok(Encoded {
-        header: header.encode(),
-        payloads,
-        stored_len,
-    })
+/// Reusable plane and output buffers plus a zstd context: one per worker
+/// thread, so that encoding a chunk allocates (and page-faults) nothing new.
+pub struct Encoder {
+    planes: Vec<u8>,
+    compressed: Vec<Vec<u8>>,
+    sample: Vec<u8>,
+    cctx: zstd::bulk::Compressor<'static>,
+    sample_cctx: zstd::bulk::Compressor<'static>,
+    level: i32,
 }
 
-/// Compresses a plane when that saves at least `min_saving`; `None` = store raw.
-/// A cheap estimate runs first so that planes of random mantissa bits are not
-/// compressed in vain: the order-0 entropy of a sample and, when that says
-/// "incompressible", a zstd pass over the sample to catch repeated sequences.
-fn compress_plane(plane: &[u8], opts: &EncodeOptions) -> Result<Option<Vec<u8>>> {
+impl Encoder {
+    /// A new encoder (buffers grow on first use).
+    pub fn new() -> Result<Self> {
+        Ok(Encoder {
+            planes: Vec::new(),
+            compressed: Vec::new(),
+            sample: Vec::new(),
+            cctx: zstd::bulk::Compressor::new(1)
+                .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+            sample_cctx: zstd::bulk::Compressor::new(1)
+                .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+            level: 1,
+        })
+    }
+
+    /// Encodes `raw` with the filter for `group`-byte items. Deterministic:
+    /// the output depends only on the input bytes and the options.
+    pub fn encode<'a>(
+        &'a mut self,
+        raw: &'a [u8],
+        group: usize,
+        opts: &EncodeOptions,
+    ) -> Result<Encoded<'a>> {
+        if raw.len() as u64 > MAX_RAW_LEN {
+            return Err(Error::Invalid(format!(
+                "chunk of {} bytes exceeds the limit {MAX_RAW_LEN}",
+                raw.len()
+            )));
+        }
+        if opts.level != self.level {
+            self.cctx
+                .set_compression_level(opts.level)
+                .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+            self.level = opts.level;
+        }
+        let filter = Filter::for_group(group, raw.len());
+        let n = match filter {
+            Filter::None => 1,
+            Filter::ByteGroup(n) => n,
+        };
+        let Encoder {
+            planes,
+            compressed,
+            sample,
+            cctx,
+            sample_cctx,
+            ..
+        } = self;
+        if let Filter::ByteGroup(n) = filter {
+            if planes.len() < raw.len() {
+                planes.resize(raw.len(), 0);
+            }
+            bytegroup::split_into(raw, n, &mut planes[..raw.len()]);
+        }
+        let plane_len = raw.len() / n;
+        let plane = |j: usize| -> &[u8] {
+            match filter {
+                Filter::None => raw,
+                Filter::ByteGroup(_) => &planes[j * plane_len..(j + 1) * plane_len],
+            }
+        };
+        while compressed.len() < n {
+            compressed.push(Vec::new());
+        }
+        let mut entries = Vec::with_capacity(n);
+        for (j, out) in compressed.iter_mut().enumerate().take(n) {
+            if compress_plane(plane(j), opts, [cctx, sample_cctx], sample, out)? {
+                entries.push((Codec::Zstd, out.len() as u64));
+            } else {
+                entries.push((Codec::Raw, plane_len as u64));
+            }
+        }
+        let payloads: Vec<&[u8]> = entries
+            .iter()
+            .enumerate()
+            .map(|(j, (codec, _))| match codec {
+                Codec::Zstd => &compressed[j][..],
+                Codec::Raw => plane(j),
+            })
+            .collect();
+        let header = Header {
+            filter,
+            raw_len: raw.len() as u64,
+            planes: entries,
+        };
+        let stored_len = header.file_len();
+        Ok(Encoded {
+            header: header.encode(),
+            payloads,
+            stored_len,
+        })
+    }
+}
+
+/// Encodes with a one-off [`Encoder`] and returns the chunk file's bytes.
+pub fn encode_to_vec(raw: &[u8], group: usize, opts: &EncodeOptions) -> Result<Vec<u8>> {
+    let mut encoder = Encoder::new()?;
+    let enc = encoder.encode(raw, group, opts)?;
+    let mut file = enc.header.clone();
+    for p in &enc.payloads {
+        file.extend_from_slice(p);
+    }
+    Ok(file)
+}
+
+/// Compresses a plane into `out` when that saves at least `min_saving`;
+/// returns false to store it raw. A cheap estimate runs first so that planes
+/// of random mantissa bits are not compressed in vain: the order-0 entropy of
+/// a sample and, when that says "incompressible", a zstd pass over the sample
+/// to catch repeated sequences.
+fn compress_plane(
+    plane: &[u8],
+    opts: &EncodeOptions,
+    [cctx, sample_cctx]: [&mut zstd::bulk::Compressor<'static>; 2],
+    sample: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
     if plane.len() < 64 {
-        return Ok(None);
+        return Ok(false);
     }
     let keep = 1.0 - opts.min_saving;
-    let sample = sample_of(plane);
-    if entropy_ratio(&sample) > keep {
-        let z = zstd::bulk::compress(&sample, 1).map_err(|e| Error::Invalid(e.to_string()))?;
-        if z.len() as f64 > sample.len() as f64 * keep {
-            return Ok(None);
+    let zstd_err = |e: std::io::Error| Error::Invalid(format!("zstd: {e}"));
+    sample_of(plane, sample);
+    if entropy_ratio(sample) > keep {
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(sample.len()));
+        let z = sample_cctx
+            .compress_to_buffer(&sample[..], out)
+            .map_err(zstd_err)?;
+        if z as f64 > sample.len() as f64 * keep {
+            return Ok(false);
         }
     }
-    let z = zstd::bulk::compress(plane, opts.level)
-        .map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-    if z.len() as f64 > plane.len() as f64 * keep {
-        Ok(None)
-    } else {
-        Ok(Some(z))
-    }
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(plane.len()));
+    let z = cctx.compress_to_buffer(plane, out).map_err(zstd_err)?;
+    Ok(z as f64 <= plane.len() as f64 * keep)
 }
 
 const SAMPLE_BLOCK: usize = 4096;
 const SAMPLE_BLOCKS: usize = 16;
 
 /// Up to 16 blocks of 4 KiB spread evenly over the plane (the whole plane if small).
-fn sample_of(plane: &[u8]) -> Vec<u8> {
+fn sample_of(plane: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     if plane.len() <= SAMPLE_BLOCK * SAMPLE_BLOCKS {
-        return plane.to_vec();
+        out.extend_from_slice(plane);
+        return;
     }
     let stride = (plane.len() - SAMPLE_BLOCK) / (SAMPLE_BLOCKS - 1);
-    let mut out = Vec::with_capacity(SAMPLE_BLOCK * SAMPLE_BLOCKS);
     for i in 0..SAMPLE_BLOCKS {
         let start = i * stride;
         out.extend_from_slice(&plane[start..start + SAMPLE_BLOCK]);
     }
-    out
 }
 
 /// Order-0 entropy of `data` as a fraction of 8 bits per byte.
@@ -319,11 +402,25 @@ fn entropy_ratio(data: &[u8]) -> f64 {
 /// `out` (no decompression bombs). The caller verifies the hash.
 pub fn decode_into(data: &[u8], object: &str, out: &mut [u8]) -> Result<()> {
     let header = Header::parse(data, object)?;
-    decode_payload(&header, &data[header.header_len()..], object, out)
+    decode_payload(
+        &header,
+        &data[header.header_len()..],
+        object,
+        out,
+        &mut Vec::new(),
+    )
 }
 
 /// Decodes the payload part of a chunk whose header was parsed already.
-pub fn decode_payload(header: &Header, payload: &[u8], object: &str, out: &mut [u8]) -> Result<()> {
+/// `scratch` holds decompressed byte planes (reused across calls); raw planes
+/// are merged straight from `payload`.
+pub fn decode_payload(
+    header: &Header,
+    payload: &[u8],
+    object: &str,
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
     if out.len() as u64 != header.raw_len {
         return Err(Error::Format {
             object: object.to_string(),
@@ -344,53 +441,70 @@ pub fn decode_payload(header: &Header, payload: &[u8], object: &str, out: &mut [
             ),
         });
     }
-    match header.filter {
-        Filter::None => decode_planes(header, payload, object, out),
-        Filter::ByteGroup(n) => {
-            let mut planes = vec![0u8; out.len()];
-            decode_planes(header, payload, object, &mut planes)?;
-            bytegroup::merge(&planes, n, out);
+    let n = header.planes.len();
+    let plane_len = out.len() / n;
+    if header.filter == Filter::None {
+        let (codec, _) = header.planes[0];
+        return decode_plane(codec, payload, out, 0, object);
+    }
+    if scratch.len() < out.len() {
+        scratch.resize(out.len(), 0);
+    }
+    // Decompress the zstd planes into the scratch, then merge every plane.
+    let mut pos = 0usize;
+    let mut sources: Vec<(Codec, usize, usize)> = Vec::with_capacity(n);
+    for (j, (codec, stored)) in header.planes.iter().enumerate() {
+        let src = &payload[pos..pos + *stored as usize];
+        if *codec == Codec::Zstd {
+            let dst = &mut scratch[j * plane_len..(j + 1) * plane_len];
+            decode_plane(Codec::Zstd, src, dst, j, object)?;
+        }
+        sources.push((*codec, pos, *stored as usize));
+        pos += *stored as usize;
+    }
+    let planes: Vec<&[u8]> = sources
+        .iter()
+        .enumerate()
+        .map(|(j, &(codec, start, len))| match codec {
+            Codec::Raw => &payload[start..start + len],
+            Codec::Zstd => &scratch[j * plane_len..(j + 1) * plane_len],
+        })
+        .collect();
+    bytegroup::merge_from(&planes, out);
+    Ok(())
+}
+
+/// Decodes one plane into `dst` (exactly its raw length).
+fn decode_plane(codec: Codec, src: &[u8], dst: &mut [u8], i: usize, object: &str) -> Result<()> {
+    match codec {
+        Codec::Raw => {
+            dst.copy_from_slice(src);
+            Ok(())
+        }
+        Codec::Zstd => {
+            // Exactly one frame and nothing after it, as the format says.
+            match zstd::zstd_safe::find_frame_compressed_size(src) {
+                Ok(n) if n == src.len() => {}
+                _ => {
+                    return Err(Error::Integrity {
+                        object: object.to_string(),
+                        detail: format!("plane {i} is not exactly one zstd frame"),
+                    })
+                }
+            }
+            let got = zstd::bulk::decompress_to_buffer(src, dst).map_err(|e| Error::Integrity {
+                object: object.to_string(),
+                detail: format!("plane {i}: zstd: {e}"),
+            })?;
+            if got != dst.len() {
+                return Err(Error::Integrity {
+                    object: object.to_string(),
+                    detail: format!("plane {i} decodes to {got} bytes, expected {}", dst.len()),
+                });
+            }
             Ok(())
         }
     }
-}
-
-/// Decodes each plane into its slot of `target` (planes back to back).
-fn decode_planes(header: &Header, payload: &[u8], object: &str, target: &mut [u8]) -> Result<()> {
-    let plane_len = target.len() / header.planes.len();
-    let mut pos = 0usize;
-    for (i, (codec, stored)) in header.planes.iter().enumerate() {
-        let src = &payload[pos..pos + *stored as usize];
-        pos += *stored as usize;
-        let dst = &mut target[i * plane_len..(i + 1) * plane_len];
-        match codec {
-            Codec::Raw => dst.copy_from_slice(src),
-            Codec::Zstd => {
-                // Exactly one frame and nothing after it, as the format says.
-                match zstd::zstd_safe::find_frame_compressed_size(src) {
-                    Ok(n) if n == src.len() => {}
-                    _ => {
-                        return Err(Error::Integrity {
-                            object: object.to_string(),
-                            detail: format!("plane {i} is not exactly one zstd frame"),
-                        })
-                    }
-                }
-                let got =
-                    zstd::bulk::decompress_to_buffer(src, dst).map_err(|e| Error::Integrity {
-                        object: object.to_string(),
-                        detail: format!("plane {i}: zstd: {e}"),
-                    })?;
-                if got != plane_len {
-                    return Err(Error::Integrity {
-                        object: object.to_string(),
-                        detail: format!("plane {i} decodes to {got} bytes, expected {plane_len}"),
-                    });
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -418,29 +532,40 @@ mod tests {
         out
     }
 
-    fn round_trip(raw: &[u8], group: usize) -> Encoded<'_> {
-        let enc = encode(raw, group, &EncodeOptions::default()).unwrap();
-        let mut file = enc.header.clone();
-        for p in &enc.payloads {
-            file.extend_from_slice(p);
-        }
-        assert_eq!(file.len() as u64, enc.stored_len);
+    /// Encodes, checks the decode, returns (header, file).
+    fn round_trip(raw: &[u8], group: usize) -> (Header, Vec<u8>) {
+        let file = encode_to_vec(raw, group, &EncodeOptions::default()).unwrap();
+        let header = Header::parse(&file, "x").unwrap();
+        assert_eq!(file.len() as u64, header.file_len());
         let mut out = vec![0u8; raw.len()];
         decode_into(&file, "x", &mut out).unwrap();
         assert_eq!(out, raw);
-        enc
+        (header, file)
+    }
+
+    #[test]
+    fn a_reused_encoder_gives_the_same_bytes() {
+        let mut encoder = Encoder::new().unwrap();
+        let opts = EncodeOptions::default();
+        for (raw, group) in [(floats(50_000), 4), (vec![0u8; 7000], 1), (floats(3000), 2)] {
+            let enc = encoder.encode(&raw, group, &opts).unwrap();
+            let mut file = enc.header.clone();
+            for p in &enc.payloads {
+                file.extend_from_slice(p);
+            }
+            assert_eq!(file, encode_to_vec(&raw, group, &opts).unwrap());
+        }
     }
 
     #[test]
     fn floats_compress_through_byte_planes() {
         let raw = floats(1 << 18);
-        let enc = round_trip(&raw, 4);
-        let h = Header::parse(&enc.header, "x").unwrap();
+        let (h, file) = round_trip(&raw, 4);
         assert_eq!(h.filter, Filter::ByteGroup(4));
         // the low mantissa plane is noise, the top plane (sign + exponent) compresses
         assert_eq!(h.planes[0].0, Codec::Raw);
         assert_eq!(h.planes[3].0, Codec::Zstd);
-        assert!(enc.stored_len < raw.len() as u64 * 9 / 10);
+        assert!(file.len() < raw.len() * 9 / 10);
     }
 
     #[test]
@@ -449,11 +574,8 @@ mod tests {
         round_trip(&[], 4);
         round_trip(&[1, 2, 3], 4); // not a multiple of 4: no grouping
         let small = [7u8; 1020];
-        let enc = round_trip(&small, 4); // below MIN_GROUPED: no grouping
-        assert_eq!(
-            Header::parse(&enc.header, "x").unwrap().filter,
-            Filter::None
-        );
+        let (h, _) = round_trip(&small, 4); // below MIN_GROUPED: no grouping
+        assert_eq!(h.filter, Filter::None);
         round_trip(&(0..255u8).cycle().take(70_001).collect::<Vec<_>>(), 1);
     }
 
@@ -461,21 +583,14 @@ mod tests {
     fn random_bytes_are_stored_raw() {
         let mut x = 7u64;
         let raw: Vec<u8> = (0..200_000).map(|_| splitmix(&mut x) as u8).collect();
-        let enc = round_trip(&raw, 1);
-        assert_eq!(
-            Header::parse(&enc.header, "x").unwrap().planes[0].0,
-            Codec::Raw
-        );
+        let (h, _) = round_trip(&raw, 1);
+        assert_eq!(h.planes[0].0, Codec::Raw);
     }
 
     #[test]
     fn damaged_payload_is_an_integrity_error_not_a_panic() {
         let raw = floats(10_000);
-        let enc = encode(&raw, 4, &EncodeOptions::default()).unwrap();
-        let mut file = enc.header.clone();
-        for p in &enc.payloads {
-            file.extend_from_slice(p);
-        }
+        let file = encode_to_vec(&raw, 4, &EncodeOptions::default()).unwrap();
         let mut out = vec![0u8; raw.len()];
         for cut in [file.len() - 1, 30, 5] {
             assert!(decode_into(&file[..cut], "x", &mut out).is_err());

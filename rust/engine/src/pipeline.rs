@@ -3,7 +3,7 @@
 //! in parallel on rayon; results do not depend on the number of threads.
 
 use crate::backend::Backend;
-use crate::chunk::{self, Codec, EncodeOptions, Filter, Header};
+use crate::chunk::{self, Codec, EncodeOptions, Encoder, Filter, Header};
 use crate::error::{Error, Result};
 use crate::object_id::ObjectId;
 use crate::plan::{plan, ChunkParams, PlannedChunk};
@@ -162,12 +162,45 @@ fn save_chunk(
     if let Some(size) = backend.stored_size(&id)? {
         return Ok((id, Some((size, false))));
     }
-    let enc = chunk::encode(&raw, c.group, opts)?;
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
-    parts.push(&enc.header);
-    parts.extend(enc.payloads.iter().map(|p| p.as_ref()));
-    backend.put(&id, &parts)?;
-    Ok((id, Some((enc.stored_len, true))))
+    let mut encoder = match ENCODER.with(|cell| cell.take()) {
+        Some(e) => e,
+        None => Encoder::new()?,
+    };
+    let written = (|| {
+        let enc = encoder.encode(&raw, c.group, opts)?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
+        parts.push(&enc.header);
+        parts.extend(enc.payloads.iter().copied());
+        backend.put(&id, &parts)?;
+        Ok(enc.stored_len)
+    })();
+    ENCODER.with(|cell| cell.set(Some(encoder)));
+    Ok((id, Some((written?, true))))
+}
+
+thread_local! {
+    // Per-worker buffers, taken out while in use and put back afterwards, so
+    // that a task rayon runs on this thread meanwhile finds none and makes
+    // its own instead of aliasing them.
+    static ENCODER: std::cell::Cell<Option<Encoder>> = const { std::cell::Cell::new(None) };
+    static PAYLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static PLANES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread buffer of exactly `len` bytes (contents undefined).
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<u8>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> R {
+    let mut buf = key.with(|cell| cell.take());
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let result = f(&mut buf[..len]);
+    key.with(|cell| cell.set(buf));
+    result
 }
 
 /// A chunk to read: its id and the raw length the manifest records.
@@ -235,23 +268,30 @@ pub fn restore(
                 };
                 load_chunk(backend, &c, out)
             } else {
-                let mut scratch = vec![0u8; c.raw_len as usize];
-                load_chunk(backend, &c, &mut scratch)?;
-                for p in ps.iter() {
-                    // SAFETY: as above; each placement's region is disjoint.
-                    let out = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            bases[p.target].0.add(p.target_offset as usize),
-                            p.len as usize,
-                        )
-                    };
-                    let start = p.chunk_offset as usize;
-                    out.copy_from_slice(&scratch[start..start + p.len as usize]);
-                }
-                Ok(())
+                with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
+                    load_chunk(backend, &c, scratch)?;
+                    scatter(scratch, ps, &bases);
+                    Ok(())
+                })
             }
         })
     })?
+}
+
+/// Copies the placements of one decoded chunk into their targets.
+fn scatter(scratch: &[u8], ps: &[Placement], bases: &[SendPtr]) {
+    for p in ps {
+        // SAFETY: `check_tiling` proved each placement's region lies inside its
+        // target and overlaps no other placement.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(
+                bases[p.target].0.add(p.target_offset as usize),
+                p.len as usize,
+            )
+        };
+        let start = p.chunk_offset as usize;
+        out.copy_from_slice(&scratch[start..start + p.len as usize]);
+    }
 }
 
 /// Every target byte is covered exactly once and every placement lies inside its chunk.
@@ -340,10 +380,15 @@ pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result
             });
         }
     } else {
-        let mut payload = vec![0u8; (size - start) as usize];
-        let (got, _) = backend.read_at(&c.id, start, &mut payload)?;
-        payload.truncate(got);
-        chunk::decode_payload(&header, &payload, &object, out)?;
+        let len = (size - start) as usize;
+        with_buffer(&PAYLOAD, len, |payload| {
+            let (got, _) = backend.read_at(&c.id, start, payload)?;
+            let mut planes = PLANES.with(|cell| cell.take());
+            let decoded =
+                chunk::decode_payload(&header, &payload[..got], &object, out, &mut planes);
+            PLANES.with(|cell| cell.set(planes));
+            decoded
+        })?;
     }
     let actual = ObjectId::of(out);
     if actual != c.id {
@@ -371,8 +416,9 @@ pub fn verify(
                         detail: "recorded raw length exceeds the limit".into(),
                     });
                 }
-                let mut scratch = vec![0u8; c.raw_len as usize];
-                load_chunk(backend, c, &mut scratch).err()
+                with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
+                    load_chunk(backend, c, scratch).err()
+                })
             })
             .collect()
     })
