@@ -17,6 +17,7 @@
 
 use crate::bytegroup;
 use crate::error::{Error, Result};
+use crate::huff;
 
 /// First eight bytes of every chunk file.
 pub const MAGIC: &[u8; 8] = b"CKPTCHNK";
@@ -62,7 +63,8 @@ pub enum Codec {
 /// Options of the encoder.
 #[derive(Clone, Copy, Debug)]
 pub struct EncodeOptions {
-    /// zstd level (1..=22, or negative "fast" levels).
+    /// zstd level (1..=22, or negative "fast" levels) of planes where LZ
+    /// matching pays; other compressible planes get entropy-only frames.
     pub level: i32,
     /// A plane is stored compressed only when it shrinks by at least this fraction.
     pub min_saving: f64,
@@ -220,6 +222,7 @@ pub struct Encoder {
     sample: Vec<u8>,
     cctx: zstd::bulk::Compressor<'static>,
     sample_cctx: zstd::bulk::Compressor<'static>,
+    huff_ws: huff::HuffWorkspace,
     level: i32,
 }
 
@@ -234,6 +237,7 @@ impl Encoder {
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
             sample_cctx: zstd::bulk::Compressor::new(1)
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+            huff_ws: huff::HuffWorkspace::default(),
             level: 1,
         })
     }
@@ -269,6 +273,7 @@ impl Encoder {
             sample,
             cctx,
             sample_cctx,
+            huff_ws,
             ..
         } = self;
         if let Filter::ByteGroup(n) = filter {
@@ -289,7 +294,12 @@ impl Encoder {
         }
         let mut entries = Vec::with_capacity(n);
         for (j, out) in compressed.iter_mut().enumerate().take(n) {
-            if compress_plane(plane(j), opts, [cctx, sample_cctx], sample, out)? {
+            let coders = Coders {
+                cctx,
+                sample_cctx,
+                huff_ws,
+            };
+            if compress_plane(plane(j), opts, coders, sample, out)? {
                 entries.push((Codec::Zstd, out.len() as u64));
             } else {
                 entries.push((Codec::Raw, plane_len as u64));
@@ -328,41 +338,77 @@ pub fn encode_to_vec(raw: &[u8], group: usize, opts: &EncodeOptions) -> Result<V
     Ok(file)
 }
 
-/// Compresses a plane into `out` when that saves at least `min_saving`;
-/// returns false to store it raw. A cheap estimate runs first so that planes
-/// of random mantissa bits are not compressed in vain: the order-0 entropy of
-/// a sample and, when that says "incompressible", a zstd pass over the sample
-/// to catch repeated sequences.
+/// Compresses a plane into `out` (one zstd frame) when that saves at least
+/// `min_saving`; returns false to store it raw.
+///
+/// The choice is made on a sample (16 blocks of 4 KiB spread over the plane),
+/// so no CPU goes into compressing what will not shrink:
+/// * order-0 entropy above the keep ratio: zstd level 1 on the sample tells
+///   whether repeated sequences still make it worth it (else raw);
+/// * otherwise an entropy coder pays. If the plane is small, or zstd's LZ
+///   stage does much better than the entropy estimate on part of the sample
+///   (runs, repeated patterns), the plane gets zstd at `level`; else an
+///   entropy-only frame ([`huff`]), which is several times faster and about
+///   as small on float exponent planes.
 fn compress_plane(
     plane: &[u8],
     opts: &EncodeOptions,
-    [cctx, sample_cctx]: [&mut zstd::bulk::Compressor<'static>; 2],
+    coders: Coders<'_>,
     sample: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<bool> {
     if plane.len() < 64 {
         return Ok(false);
     }
+    let Coders {
+        cctx,
+        sample_cctx,
+        huff_ws,
+    } = coders;
     let keep = 1.0 - opts.min_saving;
     let zstd_err = |e: std::io::Error| Error::Invalid(format!("zstd: {e}"));
     sample_of(plane, sample);
-    if entropy_ratio(sample) > keep {
-        out.clear();
-        out.reserve(zstd::zstd_safe::compress_bound(sample.len()));
-        let z = sample_cctx
-            .compress_to_buffer(&sample[..], out)
-            .map_err(zstd_err)?;
-        if z as f64 > sample.len() as f64 * keep {
+    let entropy = entropy_ratio(sample);
+    let lz_probe = if entropy > keep {
+        &sample[..]
+    } else {
+        &sample[..sample.len().min(16 << 10)]
+    };
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(lz_probe.len()));
+    let probe = sample_cctx
+        .compress_to_buffer(lz_probe, out)
+        .map_err(zstd_err)? as f64
+        / lz_probe.len() as f64;
+    let use_lz = if entropy > keep {
+        if probe > keep {
             return Ok(false);
         }
+        true
+    } else {
+        // small planes: speed does not matter, and zstd handles their runs better
+        plane.len() < SMALL_PLANE || probe < 0.8 * entropy
+    };
+    if use_lz {
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(plane.len()));
+        cctx.compress_to_buffer(plane, out).map_err(zstd_err)?;
+    } else {
+        huff::compress(plane, out, huff_ws)?;
     }
-    out.clear();
-    out.reserve(zstd::zstd_safe::compress_bound(plane.len()));
-    let z = cctx.compress_to_buffer(plane, out).map_err(zstd_err)?;
-    Ok(z as f64 <= plane.len() as f64 * keep)
+    Ok(out.len() as f64 <= plane.len() as f64 * keep)
+}
+
+/// The coders of one [`Encoder`], borrowed together.
+struct Coders<'a> {
+    cctx: &'a mut zstd::bulk::Compressor<'static>,
+    sample_cctx: &'a mut zstd::bulk::Compressor<'static>,
+    huff_ws: &'a mut huff::HuffWorkspace,
 }
 
 const SAMPLE_BLOCK: usize = 4096;
+/// Planes below this size always take the zstd path (see `compress_plane`).
+const SMALL_PLANE: usize = 4096;
 const SAMPLE_BLOCKS: usize = 16;
 
 /// Up to 16 blocks of 4 KiB spread evenly over the plane (the whole plane if small).

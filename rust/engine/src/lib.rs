@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bytegroup;
 pub mod chunk;
 pub mod error;
+pub mod huff;
 pub mod object_id;
 pub mod pipeline;
 pub mod plan;

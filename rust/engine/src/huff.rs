@@ -1,0 +1,248 @@
+//! Entropy-only zstd frames: each block is zstd's Huffman coder over the
+//! bytes (a "compressed literals" block with zero sequences), without LZ
+//! match finding.
+//!
+//! The sign-and-exponent plane of float weights has a skewed byte histogram
+//! (about 3 bits of entropy per byte) but almost no repeated sequences, so
+//! zstd's match finder costs most of its time and gains almost nothing there.
+//! These frames are standard zstd frames (RFC 8878): any zstd decoder reads
+//! them, and they decode with the same code path as every other plane.
+//!
+//! The Huffman stage is zstd's own `HUF_compress4X_repeat`, linked from the
+//! zstd-sys crate (pinned in Cargo.toml because that function is internal to
+//! the zstd release). Tests check every frame against zstd's decoder.
+
+use crate::error::{Error, Result};
+use std::os::raw::{c_int, c_uint, c_void};
+
+extern "C" {
+    fn HUF_compress4X_repeat(
+        dst: *mut c_void,
+        dst_size: usize,
+        src: *const c_void,
+        src_size: usize,
+        max_symbol_value: c_uint,
+        table_log: c_uint,
+        work_space: *mut c_void,
+        wksp_size: usize,
+        huf_table: *mut usize,
+        repeat: *mut c_int,
+        flags: c_int,
+    ) -> usize;
+}
+
+const MAGIC: u32 = 0xFD2F_B528;
+const BLOCK: usize = 128 * 1024;
+/// Blocks shorter than this are stored raw (a Huffman table would not pay).
+const MIN_HUFFMAN_BLOCK: usize = 1024;
+const TABLE_LOG: c_uint = 11;
+const HUF_REPEAT_NONE: c_int = 0;
+
+/// Workspace of the Huffman coder (one per worker thread).
+pub struct HuffWorkspace {
+    work: Vec<u64>,
+    table: Vec<usize>,
+}
+
+impl Default for HuffWorkspace {
+    fn default() -> Self {
+        HuffWorkspace {
+            // HUF_WORKSPACE_SIZE is 8.5 KiB in zstd 1.5.7; 64 KiB leaves room.
+            work: vec![0u64; 8192],
+            // HUF_CTABLE_SIZE_ST(255) = 257 entries
+            table: vec![0usize; 257],
+        }
+    }
+}
+
+/// Writes `src` into `out` as one zstd frame of entropy-coded blocks.
+/// Deterministic: the frame depends only on `src`.
+pub fn compress(src: &[u8], out: &mut Vec<u8>, ws: &mut HuffWorkspace) -> Result<()> {
+    let size = u32::try_from(src.len())
+        .map_err(|_| Error::Invalid(format!("plane of {} bytes is too large", src.len())))?;
+    out.clear();
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    // Frame header: single segment (no window descriptor), 4-byte content size.
+    out.push(0xA0);
+    out.extend_from_slice(&size.to_le_bytes());
+    let blocks = src.len().div_ceil(BLOCK).max(1);
+    for k in 0..blocks {
+        let block = &src[(k * BLOCK).min(src.len())..((k + 1) * BLOCK).min(src.len())];
+        let last = k + 1 == blocks;
+        if block.len() < MIN_HUFFMAN_BLOCK {
+            raw_block(out, block, last);
+            continue;
+        }
+        let start = out.len();
+        let bound = block.len() + (block.len() >> 8) + 8 + 129;
+        out.resize(start + 3 + 5 + bound, 0);
+        let mut repeat = HUF_REPEAT_NONE;
+        // SAFETY: `out` has `bound` writable bytes after `start + 8`; `block`
+        // is readable for its length; the workspace is 4-byte aligned (u64)
+        // and larger than HUF_WORKSPACE_SIZE; the table has 257 entries as
+        // HUF_CTABLE_SIZE_ST(255) requires; `repeat` is HUF_repeat_none so
+        // no previous table is read.
+        let n = unsafe {
+            HUF_compress4X_repeat(
+                out.as_mut_ptr().add(start + 8).cast(),
+                bound,
+                block.as_ptr().cast(),
+                block.len(),
+                255,
+                TABLE_LOG,
+                ws.work.as_mut_ptr().cast(),
+                ws.work.len() * 8,
+                ws.table.as_mut_ptr(),
+                &mut repeat,
+                0,
+            )
+        };
+        // SAFETY: a pure function of the code.
+        if unsafe { zstd_sys::ZSTD_isError(n) } != 0 {
+            return Err(Error::Invalid(format!(
+                "zstd Huffman coder failed (code {n})"
+            )));
+        }
+        let content = 5 + n + 1;
+        if n == 0 || content >= block.len() {
+            out.truncate(start);
+            raw_block(out, block, last);
+        } else if n == 1 {
+            // a single repeated byte
+            out.truncate(start);
+            block_header(out, 1, block.len(), last);
+            out.push(block[0]);
+        } else {
+            // Compressed literals, 4 streams, 18-bit sizes (Size_Format 11).
+            let lhc = 2u64 | (3 << 2) | ((block.len() as u64) << 4) | ((n as u64) << 22);
+            out[start + 3..start + 8].copy_from_slice(&lhc.to_le_bytes()[..5]);
+            out[start + 8 + n] = 0; // Number_of_Sequences = 0
+            out.truncate(start + 3 + content);
+            let header = (last as u32) | (2 << 1) | ((content as u32) << 3);
+            out[start..start + 3].copy_from_slice(&header.to_le_bytes()[..3]);
+        }
+    }
+    Ok(())
+}
+
+fn block_header(out: &mut Vec<u8>, kind: u32, size: usize, last: bool) {
+    let header = (last as u32) | (kind << 1) | ((size as u32) << 3);
+    out.extend_from_slice(&header.to_le_bytes()[..3]);
+}
+
+fn raw_block(out: &mut Vec<u8>, block: &[u8], last: bool) {
+    block_header(out, 0, block.len(), last);
+    out.extend_from_slice(block);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(src: &[u8]) -> usize {
+        let mut out = Vec::new();
+        compress(src, &mut out, &mut HuffWorkspace::default()).unwrap();
+        let back = zstd::bulk::decompress(&out, src.len()).unwrap();
+        assert_eq!(back, src);
+        assert_eq!(
+            zstd::zstd_safe::find_frame_compressed_size(&out).unwrap(),
+            out.len()
+        );
+        out.len()
+    }
+
+    #[test]
+    fn frames_decode_with_zstd_for_every_shape_of_input() {
+        let mut x = 1u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // skewed bytes, like a float exponent plane
+        let skewed: Vec<u8> = (0..700_000)
+            .map(|_| {
+                let r = next();
+                [0x3c, 0x3d, 0xbc, 0xbd, 0x3b, 0xbb]
+                    [(r % 6) as usize * ((r >> 8) % 4 == 0) as usize]
+            })
+            .collect();
+        assert!(check(&skewed) < skewed.len() / 2);
+        let random: Vec<u8> = (0..300_000).map(|_| next() as u8).collect();
+        assert!(check(&random) <= random.len() + 64);
+        check(&vec![7u8; 400_000]); // RLE blocks
+        for n in [
+            1usize,
+            63,
+            1023,
+            1024,
+            1025,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            3 * BLOCK + 17,
+        ] {
+            check(&skewed[..n]);
+        }
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        compress(&skewed, &mut a, &mut HuffWorkspace::default()).unwrap();
+        compress(&skewed, &mut b, &mut HuffWorkspace::default()).unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing; run with --release --ignored --nocapture"]
+    fn huffman_vs_zstd_on_an_exponent_plane() {
+        // top bytes of normal(0, 0.02) float32 values
+        let mut x = 42u64;
+        let mut plane = Vec::with_capacity(8 << 20);
+        for _ in 0..(8 << 20) {
+            x = x.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            let u1 = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u2 = ((z.rotate_left(17) >> 11) as f64) / (1u64 << 53) as f64;
+            let v = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 0.02;
+            plane.push(((v as f32).to_bits() >> 24) as u8);
+        }
+        let mut out = Vec::new();
+        let mut ws = HuffWorkspace::default();
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            compress(&plane, &mut out, &mut ws).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mut zbest = f64::MAX;
+        let mut z = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            z = zstd::bulk::compress(&plane, 1).unwrap();
+            zbest = zbest.min(t.elapsed().as_secs_f64());
+        }
+        let mut dbest = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let back = zstd::bulk::decompress(&out, plane.len()).unwrap();
+            dbest = dbest.min(t.elapsed().as_secs_f64());
+            assert_eq!(back.len(), plane.len());
+        }
+        let gb = plane.len() as f64 / 1e9;
+        println!(
+            "huffman: ratio {:.3}, {:.2} GB/s (decode {:.2} GB/s); zstd-1: ratio {:.3}, {:.2} GB/s",
+            out.len() as f64 / plane.len() as f64,
+            gb / best,
+            gb / dbest,
+            z.len() as f64 / plane.len() as f64,
+            gb / zbest
+        );
+    }
+}
