@@ -15,7 +15,7 @@ help: ## show this help
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "maturin>=1.9,<2" numpy pytest hypothesis zstandard blake3 ml_dtypes ruff mypy safetensors
+	$(PY) -m pip install -q "maturin>=1.9,<2" numpy pytest hypothesis zstandard blake3 ml_dtypes ruff mypy safetensors matplotlib
 	$(PY) -m pip install -q torch  # optional extra of the package; the torch tests need it
 	touch $(STAMP)
 
