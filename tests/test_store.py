@@ -303,3 +303,21 @@ def test_chunking_parameters_are_recorded_so_reopened_stores_still_dedup(tmp_pat
     again = ckpt.Store(tmp_path / "s")  # no parameters: the recorded ones
     assert (again.chunk_size, again.small_threshold) == (64 * 1024, 4096)
     assert again.save(tree).new_bytes == 0
+
+
+def test_version_references(store: ckpt.Store) -> None:
+    store.save({"a": np.zeros(1)}, step=5, metrics={"loss": 0.5, "acc": 0.1})
+    store.save({"a": np.zeros(1)}, step=6, metrics={"loss": 0.2, "acc": 0.3})
+    store.save({"a": np.zeros(1)}, step=6, metrics={"loss": 0.9, "acc": 0.2})
+    assert store.resolve("2") == 2 and store.resolve("step=6") == 3
+    assert store.resolve("best:loss") == 2 and store.resolve("best:acc:max") == 2
+    assert store.resolve("best:loss:max") == 3
+    for bad, message in [
+        ("step=abc", "the step must be a non-negative integer"),
+        ("\\u0661", "unknown version reference"),
+        ("best", "no monitored metric recorded"),
+        ("best:nope", "has the metric 'nope'"),
+        ("newest", "use an id, latest, best"),
+    ]:
+        with pytest.raises(ckpt.VersionNotFoundError, match=message):
+            store.resolve(bad.encode().decode("unicode_escape"))

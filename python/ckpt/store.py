@@ -70,8 +70,9 @@ STORE_FORMAT = "ckpt-store"
 STORE_VERSION = 1
 #: Raw size of a chunk (see benches/bench_store.py for the measurement behind it).
 DEFAULT_CHUNK_SIZE = 8 << 20
-#: Tensors below this size are packed together into shared chunks.
-DEFAULT_SMALL_THRESHOLD = 1 << 20
+#: Tensors below this size are packed together into shared chunks (small, so
+#: that a changing bias does not drag a frozen mid-size tensor into a new chunk).
+DEFAULT_SMALL_THRESHOLD = 256 << 10
 #: zstd level of compressed planes.
 DEFAULT_LEVEL = 1
 #: A plane is stored compressed only if that saves at least this fraction.
@@ -134,7 +135,7 @@ class Store:
             recorded when the store was created (so that later versions cut
             tensors the same way and deduplicate), else 8 MiB.
         small_threshold: tensors smaller than this are packed together
-            (None: as recorded, else 1 MiB).
+            (None: as recorded, else 256 KiB).
         level: zstd level for compressible byte planes.
         min_saving: a plane is compressed only if that saves this fraction.
         durable: fsync chunks, manifests and directories (False: scratch use).
@@ -512,10 +513,14 @@ class Store:
         return best
 
     def resolve(self, ref: int | Version | str | None) -> int:
-        """The id of a version given as id, Version, "latest", "best:METRIC[:max]", "step=N".
+        """The id of a version given as an id, a Version, or a string.
+
+        Strings: ``"42"``, ``"latest"``, ``"step=N"`` (the newest version at
+        that step), ``"best"`` (by the monitor and mode the manager recorded),
+        ``"best:METRIC"`` or ``"best:METRIC:max"``.
 
         Raises:
-            VersionNotFoundError: no such version.
+            VersionNotFoundError: no such version, or a reference that means nothing.
         """
         if ref is None or ref == "latest":
             v = self.latest()
@@ -525,15 +530,35 @@ class Store:
         if isinstance(ref, Version):
             return ref.id
         if isinstance(ref, str):
-            if ref.isdigit():
+            if ref.isascii() and ref.isdigit():
                 return self.resolve(int(ref))
             if ref.startswith("step="):
-                step = int(ref[5:])
+                text = ref[5:]
+                if not (text.isascii() and text.isdigit()):
+                    raise VersionNotFoundError(f"{ref!r}: the step must be a non-negative integer")
+                step = int(text)
                 matches = [v for v in self.versions() if v.step == step]
                 if not matches:
                     raise VersionNotFoundError(f"{self.root} has no version at step {step}")
                 return matches[-1].id
-            raise VersionNotFoundError(f"unknown version reference {ref!r}")
+            if ref == "best" or ref.startswith("best:"):
+                parts = ref.split(":")
+                _, monitor, mode = self.policy()
+                if len(parts) > 1:
+                    monitor, mode = parts[1], parts[2] if len(parts) > 2 else "min"
+                if not monitor or mode not in ("min", "max") or len(parts) > 3:
+                    raise VersionNotFoundError(
+                        f"{ref!r}: no monitored metric recorded; say best:METRIC or best:METRIC:max"
+                    )
+                best = self.best(monitor, mode)
+                if best is None:
+                    raise VersionNotFoundError(
+                        f"no version in {self.root} has the metric {monitor!r}"
+                    )
+                return best.id
+            raise VersionNotFoundError(
+                f"unknown version reference {ref!r}; use an id, latest, best, best:METRIC or step=N"
+            )
         if isinstance(ref, bool) or not isinstance(ref, int):
             raise TypeError(f"a version is an int id, a Version or a str, not {type(ref).__name__}")
         if not os.path.exists(self._p("versions", manifest_name(ref))):
