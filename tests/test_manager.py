@@ -169,10 +169,10 @@ def test_ckpt_ls_shows_versions_and_why_they_are_kept(tmp_path: Path) -> None:
         text=True,
         check=True,
     ).stdout.splitlines()
-    assert "kept because" in out[0]
+    assert "kept because" in out[0] and "loss" in out[0].split()
     rows = {line.split()[0]: line for line in out[1:]}
     assert set(rows) == {"2", "3"}
-    assert "best" in rows["2"] and "loss=0.2" in rows["2"]
+    assert "best" in rows["2"] and " 0.2 " in rows["2"]  # the loss column
     assert "latest, last 1" in rows["3"]
     missing = subprocess.run(
         [sys.executable, "-m", "ckpt.cli", "ls", str(tmp_path / "nope")],

@@ -283,7 +283,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     columns += [
         Column("created", drop=3),
         Column("age", drop=2),
-        Column("metrics", flex=True, min_width=10),
+        # one metric: a column of its own; several share one flexible column
+        Column(names[0], ">") if len(names) == 1 else Column("metrics", flex=True, min_width=10),
         Column("size", ">"),
         Column("new", ">", drop=1),
         Column("kept because", flex=True, min_width=12),
@@ -296,7 +297,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         cells += [
             fmt_when(v.created, now),
             fmt_ago(v.created, now),
-            " ".join(f"{k}={fmt_num(v.metrics[k])}" for k in names if k in v.metrics) or "-",
+            fmt_num(v.metrics.get(names[0]))
+            if len(names) == 1
+            else " ".join(f"{k}={fmt_num(v.metrics[k])}" for k in names if k in v.metrics) or "-",
             fmt_bytes(v.raw_bytes),
             fmt_bytes(v.new_bytes),
             _kept_text(why.get(v.id, ())),
