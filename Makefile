@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-stamp
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv build demo test test-rust test-python lint format bench bench-tiny clean
+.PHONY: help venv build demo test test-rust test-python lint format bench bench-tiny fuzz reliability clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,7 +41,15 @@ lint: $(STAMP) ## ruff, mypy (+ stubtest), cargo fmt --check, cargo clippy -D wa
 test-python: build ## pytest
 	$(PY) -m pytest -q
 
-test: build test-rust lint test-python bench-tiny ## everything CI runs
+test: build test-rust lint test-python fuzz bench-tiny ## everything CI runs
+
+FUZZ_SECONDS ?= 60
+fuzz: build ## fuzz the chunk decoder (proptest) and the manifest parser (hypothesis) for FUZZ_SECONDS
+	CKPT_FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test --release -q -p ckpt-engine fuzz -- --nocapture --test-threads=5
+	CKPT_FUZZ_EXAMPLES=$$(( $(FUZZ_SECONDS) * 50 )) $(PY) -m pytest -q tests/test_fuzz_manifest.py
+
+reliability: build ## the crash, power-loss, fault, corruption and model tests at length (CKPT_LONG_TESTS=1)
+	CKPT_LONG_TESTS=1 $(PY) -m pytest -q tests/test_faults.py tests/test_powerloss.py tests/test_corruption.py tests/test_concurrency.py tests/test_hostile.py tests/test_model_based.py
 
 format: $(STAMP) ## apply ruff format and cargo fmt
 	$(VENV)/bin/ruff format python tests benches examples

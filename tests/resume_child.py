@@ -7,7 +7,9 @@ process (1-based), where PHASE is one of
     before_chunks   before the engine writes any chunk
     after_chunks    chunks written and fsynced, no manifest yet
     before_commit   manifest written to tmp/ and fsynced, not renamed
+                    (the engine's fault point manifest.after_fsync)
     after_commit    manifest renamed into versions/, directory not fsynced
+                    (manifest.after_rename)
     in_retention    retention deleted manifests, chunks not yet swept
 
 or ``step:S`` to die right after training step S (between saves). Without
@@ -40,8 +42,16 @@ def arm(kill: str) -> int | None:
     if phase == "step":
         return int(n)
     target = int(n)
+    engine_point = {
+        "before_commit": "manifest.after_fsync",
+        "after_commit": "manifest.after_rename",
+    }
+    if phase in engine_point:
+        # The engine commits manifests; its fault points count manifests only.
+        os.environ["CKPT_FAULT"] = f"{engine_point[phase]}:{target}:kill"
+        return None
     count = {"writes": 0}
-    real_save, real_rename, real_delete = _core.save_chunks, os.rename, _core.delete_objects
+    real_save, real_delete = _core.save_chunks, _core.delete_objects
 
     def save_chunks(*args: object, **kw: object) -> object:
         count["writes"] += 1
@@ -52,14 +62,6 @@ def arm(kill: str) -> int | None:
             die()
         return out
 
-    def rename(src: str, dst: str) -> None:
-        is_manifest = os.path.basename(os.path.dirname(dst)) == "versions"
-        if is_manifest and count["writes"] == target and phase == "before_commit":
-            die()
-        real_rename(src, dst)
-        if is_manifest and count["writes"] == target and phase == "after_commit":
-            die()
-
     def delete_objects(*args: object, **kw: object) -> int:
         if count["writes"] >= target and phase == "in_retention":
             die()
@@ -68,7 +70,6 @@ def arm(kill: str) -> int | None:
     _core.save_chunks = save_chunks  # type: ignore[assignment]
     ckpt.store._core.save_chunks = save_chunks  # type: ignore[attr-defined]
     ckpt.store._core.delete_objects = delete_objects  # type: ignore[attr-defined]
-    os.rename = rename  # type: ignore[assignment]
     return None
 
 

@@ -4,14 +4,18 @@ from os import PathLike
 from typing import Any
 
 __all__ = [
+    "FAULT_POINTS",
     "__version__",
+    "commit_file",
     "delete_objects",
     "list_objects",
+    "probe_chunks",
     "restore_chunks",
     "save_chunks",
     "verify_chunks",
 ]
 __version__: str
+FAULT_POINTS: tuple[str, ...]
 
 def save_chunks(
     root: str | PathLike[str],
@@ -39,7 +43,21 @@ def verify_chunks(
     *,
     threads: int | None = None,
 ) -> list[tuple[str, str] | None]: ...
+def probe_chunks(
+    root: str | PathLike[str],
+    chunks: Sequence[tuple[str, int]],
+    *,
+    threads: int | None = None,
+) -> None: ...
 def list_objects(root: str | PathLike[str]) -> list[tuple[str, int]]: ...
 def delete_objects(
     root: str | PathLike[str], ids: Sequence[str], *, durable: bool = True
 ) -> int: ...
+def commit_file(
+    root: str | PathLike[str],
+    directory: str,
+    name: str,
+    data: bytes,
+    *,
+    durable: bool = True,
+) -> None: ...

@@ -3,8 +3,9 @@
 Every exception derives from :class:`CheckpointError` and, where it fits, from
 a builtin, so ``except KeyError`` or ``except ValueError`` still work. The
 native engine raises these same classes (``IntegrityError``, ``FormatError``,
-``MissingObjectError``); operating-system failures arrive as the builtin
-``OSError`` subclasses (``FileNotFoundError``, ``PermissionError``, ...).
+``MissingObjectError``, ``StoreFullError``); other operating-system failures
+arrive as the builtin ``OSError`` subclasses (``FileNotFoundError``,
+``PermissionError``, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "MissingMetricError",
     "MissingObjectError",
     "StepExistsError",
+    "StoreFullError",
     "StoreLockedError",
     "StoreNotFoundError",
     "UnsafeLoadError",
@@ -84,6 +86,20 @@ class StoreNotFoundError(CheckpointError, FileNotFoundError):
 
 class StoreLockedError(CheckpointError):
     """Another writer holds the store's lock."""
+
+
+class StoreFullError(CheckpointError, OSError):
+    """The store's file system is full (``ENOSPC``, ``EDQUOT`` or ``EFBIG``).
+
+    Raised by a save that ran out of space while writing, or that was refused
+    before writing anything because its new chunks could not fit. The version
+    was not committed, its temporary files are removed, and every earlier
+    version is intact. ``errno`` holds the operating-system error number.
+    """
+
+    def __str__(self) -> str:
+        # The message names the store and the file: no "[Errno N]" prefix.
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 class StepExistsError(CheckpointError, ValueError):

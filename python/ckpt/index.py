@@ -10,10 +10,12 @@ read, and rebuilt from manifests when missing or stale.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +33,8 @@ __all__ = [
     "encode_metrics",
     "manifest_name",
     "parse_manifest",
+    "read_regular_file",
+    "seal_manifest",
     "version_id_of",
 ]
 
@@ -40,8 +44,33 @@ MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 256 << 20
 #: Most tensors one version may hold.
 MAX_TENSORS = 10_000_000
+#: Largest raw length of a chunk (docs/format.md, section 4).
+MAX_CHUNK_BYTES = 1 << 30
 _NAME = re.compile(r"^([0-9]{12})\.json$")
+#: The last entry of a sealed manifest.
+_SEAL = re.compile(rb',"checksum":"([0-9a-f]{64})"}\Z')
+#: A sealed manifest that a JSON tool re-serialised (spaces after "," and ":").
+_RESERIALISED = re.compile(rb',\s+"checksum":\s+"[0-9a-f]{64}"\s*}\s*\Z')
+#: What a damaged seal still looks like: a last entry of a short key and a ~64-character string.
+_SEAL_LIKE = re.compile(rb',"[^"\\]{6,10}":"[^"\\]{56,72}"}\Z')
 _HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_regular_file(path: str, limit: int) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else None.
+
+    Never follows a symlink, never blocks on a FIFO, and checks the size
+    before reading (a store from someone else may hold any of these).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        return f.read(limit + 1)[:limit]
 
 
 def manifest_name(version_id: int) -> str:
@@ -190,13 +219,51 @@ def _obj(v: object, what: str) -> dict[str, Any]:
     return v
 
 
+def seal_manifest(body: bytes) -> bytes:
+    """Appends the ``checksum`` entry to a manifest's compact JSON ``body``.
+
+    The checksum is the SHA-256 (hex) of every byte before ``,"checksum"``, so
+    that a reader notices any damage to the manifest, scalar leaves and
+    metrics included (chunks carry their own hash).
+    """
+    if not body.endswith(b"}") or body == b"{}":
+        raise ValueError("a manifest is a non-empty JSON object")
+    head = body[:-1]
+    return head + b',"checksum":"' + hashlib.sha256(head).hexdigest().encode() + b'"}'
+
+
+def _check_seal(data: bytes, m: dict[str, Any], where: str) -> None:
+    """Verifies a sealed manifest's checksum (manifests of older writers have none).
+
+    A manifest with a ``checksum`` key must end with exactly the entry
+    :func:`seal_manifest` writes, and the digest must match; one without it
+    must not end with what looks like a damaged checksum entry. The checksum
+    covers the writer's bytes: a manifest that a JSON tool rewrote with the
+    usual spaces (``json.dumps``'s default, never the writer's compact form,
+    and never the result of damage) is read without it.
+    """
+    seal = _SEAL.search(data)
+    if "checksum" in m:
+        ok = (
+            seal is not None
+            and hashlib.sha256(data[: seal.start()]).hexdigest() == seal.group(1).decode()
+        ) or (seal is None and _RESERIALISED.search(data) is not None)
+    else:
+        ok = _SEAL_LIKE.search(data) is None
+    if not ok:
+        raise FormatError(
+            f"{where}: the manifest is damaged (its checksum does not match its content)"
+        )
+
+
 def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     """Parses and validates a manifest. Loading one never runs code.
 
-    Checks the format marker and version, the types of every field, and the
-    tensor table: dtype names, shapes (checked products), ``nbytes == numel *
-    itemsize``, spans that tile each tensor and stay inside their chunk, and
-    chunk ids of 64 hex digits.
+    Checks the checksum (when the writer sealed the manifest), the format
+    marker and version, the types of every field, and the tensor table: dtype
+    names, shapes (checked products), ``nbytes == numel * itemsize``, spans
+    that tile each tensor and stay inside their chunk, chunk ids of 64 hex
+    digits, unique leaf paths and a well-formed tree.
 
     Raises:
         FormatError: anything malformed, naming ``where`` and the field.
@@ -208,17 +275,21 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
         raise FormatError(f"{where}: manifest of {len(data)} bytes exceeds the limit")
     try:
         m = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # also int literals past Python's digit limit
         raise FormatError(f"{where}: not a JSON manifest ({exc})") from None
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+    if not isinstance(m, dict):
         raise FormatError(f"{where}: not a ckpt manifest")
-    if m.get("version") != MANIFEST_VERSION:
-        v = m.get("version")
-        if isinstance(v, int) and v > MANIFEST_VERSION:
-            raise FormatError(
-                f"{where}: manifest format {v} is newer than this ckpt reads ({MANIFEST_VERSION});"
-                " upgrade ckpt-store"
-            )
+    v = m.get("version")
+    if isinstance(v, int) and not isinstance(v, bool) and v > MANIFEST_VERSION:
+        # Before the checksum: a newer format may seal its manifests differently.
+        raise FormatError(
+            f"{where}: manifest format {v} is newer than this ckpt reads ({MANIFEST_VERSION});"
+            " upgrade ckpt-store"
+        )
+    _check_seal(data, m, where)
+    if m.get("format") != MANIFEST_FORMAT:
+        raise FormatError(f"{where}: not a ckpt manifest")
+    if v != MANIFEST_VERSION:
         raise FormatError(f"{where}: unknown manifest format version {v!r}")
     try:
         Version.from_summary(m)
@@ -233,21 +304,31 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
                 or not _HEX.match(c[0])
             ):
                 raise ValueError(f"bad chunk entry {c!r}")
-            _int(c[1], "chunk raw length")
+            if _int(c[1], "chunk raw length") > MAX_CHUNK_BYTES:
+                raise ValueError(f"chunk {c[0]} of {c[1]} bytes exceeds the limit")
             _int(c[2], "chunk stored length")
         tensors = m["tensors"]
         if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
             raise ValueError("tensors must be a list of at most 10M entries")
+        paths: set[str] = set()
         for t in tensors:
             _check_tensor(t, chunks, DTYPE_NAMES, _itemsize_of)
+            if t["path"] in paths:
+                raise ValueError(f"tensor path {t['path']!r} appears twice")
+            paths.add(t["path"])
         if not isinstance(m.get("stats", {}), dict):
             raise ValueError("stats must be an object")
+        leaves: set[int] = set()
         for path, node in iter_data_nodes(m.get("tree")):
             index = node["i"]
             if index >= len(tensors):
                 raise ValueError(f"tree leaf {path!r} refers to tensor {index} of {len(tensors)}")
             if node["t"] == "view":
                 _check_view(path, node, tensors[index])
+            elif index in leaves:  # views share a base; tensors and pickles never do
+                raise ValueError(f"tree leaf {path!r} reuses tensor {index}")
+            else:
+                leaves.add(index)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: malformed manifest: {exc}") from None
     return m
@@ -324,20 +405,18 @@ class ListingCache:
     def read(self) -> dict[int, Version]:
         """Cached summaries by id (undecodable lines are skipped)."""
         out: dict[int, Version] = {}
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return out
+        data = read_regular_file(self.path, MAX_MANIFEST_BYTES)
+        if data is None:
+            return out  # absent, not a regular file, or too large: rebuilt from manifests
         lines = data.splitlines()
         try:  # fast path: one parse for the whole file
             records = json.loads(b"[" + b",".join(lines) + b"]")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             records = []
             for line in lines:
                 try:
                     records.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                except (ValueError, RecursionError):
                     continue  # a torn last line after a crash, or damage: rebuilt from manifests
         for record in records:
             try:

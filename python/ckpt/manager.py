@@ -46,7 +46,14 @@ from types import FrameType
 from typing import Any
 
 from .early_stopping import Decision, EarlyStopping
-from .errors import CheckpointError, MissingMetricError, StepExistsError, VersionNotFoundError
+from .errors import (
+    CheckpointError,
+    FormatError,
+    IntegrityError,
+    MissingMetricError,
+    StepExistsError,
+    VersionNotFoundError,
+)
 from .index import Version
 from .retention import Keep
 from .store import Store
@@ -74,6 +81,9 @@ class CheckpointManager:
             the next ``save`` then writes a version and returns True.
         overwrite: allow saving a step that already has a version (the old one is deleted).
         strict: a monitored metric missing from ``metrics`` is an error (else a warning).
+        async_save: write versions in the background: ``save`` returns once the
+            state is copied to host memory; the previous save's error is
+            raised by the next ``save``, ``wait`` or ``close``.
         **store_options: passed to :class:`Store` (``durable``, ``threads``, ...).
 
     Raises:
@@ -95,6 +105,7 @@ class CheckpointManager:
         handle_signals: bool = False,
         overwrite: bool = False,
         strict: bool = True,
+        async_save: bool = False,
         **store_options: Any,
     ) -> None:
         if mode not in ("min", "max"):
@@ -125,6 +136,7 @@ class CheckpointManager:
         self.save_on_improvement = save_on_improvement
         self.overwrite = overwrite
         self.strict = strict
+        self.async_save = async_save
         self.next_step = 0
         self.should_stop = False
         self.stop_reason: str | None = None
@@ -273,7 +285,9 @@ class CheckpointManager:
         epoch: int | None,
         meta: dict[str, Any] | None,
         why: str | None,
-    ) -> Version:
+    ) -> None:
+        if self.async_save:
+            self.wait()  # one save in flight at a time; its error surfaces here
         replaced: list[int] = []
         if step in self._steps:
             if not self.overwrite:
@@ -289,20 +303,37 @@ class CheckpointManager:
             else self.early_stopping.state_dict(),
             "saved_because": why,
         }
-        version = self.store.save(
-            state, step=step, epoch=epoch, metrics=metrics, meta=meta, trainer=trainer
-        )
-        for vid in replaced:
-            self.store.delete(vid)
+
+        def after_commit(version: Version) -> None:
+            for vid in replaced:
+                self.store.delete(vid)
+            if self.keep is not None:
+                self.store.apply_retention(self.keep, monitor=self.monitor, mode=self.mode)
+
+        if self.async_save:
+            self.store.save(
+                state, step=step, epoch=epoch, metrics=metrics, meta=meta, trainer=trainer,
+                blocking=False, then=after_commit,
+            )  # fmt: skip
+        else:
+            self.store.save(
+                state, step=step, epoch=epoch, metrics=metrics, meta=meta, trainer=trainer,
+                then=after_commit,
+            )  # fmt: skip
         self._steps.add(step)
         self._last_save_step = step
         self._last_save_time = time.monotonic()
+        if self.keep is not None and not self.async_save:
+            self._refresh_steps()
+
+    def _refresh_steps(self) -> None:
+        self._steps = {v.step for v in self.store.versions() if v.step is not None}
+
+    def wait(self) -> None:
+        """Waits for a background save (``async_save=True``) and raises its error."""
+        self.store.wait()
         if self.keep is not None:
-            result = self.store.apply_retention(self.keep, monitor=self.monitor, mode=self.mode)
-            if result.deleted:
-                remaining = {v.step for v in self.store.versions()}
-                self._steps &= {s for s in remaining if s is not None}
-        return version
+            self._refresh_steps()  # retention ran in the background
 
     # -------------------------------------------------------------- restoring
     def _adopt(self, version: Version) -> None:
@@ -322,27 +353,59 @@ class CheckpointManager:
             self.early_stopping.reason if self.should_stop and self.early_stopping else None
         )
 
-    def restore_latest(self, default: Any = None, into: Any = None) -> Any:
+    def restore_latest(self, default: Any = None, into: Any = None, fallback: bool = False) -> Any:
         """Resumes: loads the newest version and the decision state as of it.
 
         Args:
             default: returned when the store is empty (a fresh run).
             into: a tree of preallocated arrays to restore into where shapes
-                and dtypes match (avoids a second full-size allocation).
+                and dtypes match (avoids a second full-size allocation). A
+                load that fails may have filled some of them already.
+            fallback: when the newest version is damaged (a chunk or its
+                manifest fails verification), warn and resume from the newest
+                version that loads and verifies instead. The damaged versions
+                stay in the store (evidence for ``ckpt verify``); their steps
+                may be saved again, and retention waits for the next save.
+
+        Raises:
+            IntegrityError, FormatError: the newest version is damaged (and
+                ``fallback`` is False), or every version is (with ``fallback``:
+                the newest one's error).
         """
-        latest = self.store.latest()
-        if latest is None:
+        self.wait()
+        versions = self.store.versions()
+        if not versions:
             if self.early_stopping is not None:
                 self.early_stopping.reset()
             self.next_step, self.should_stop, self.stop_reason = 0, False, None
             self._last_save_step = None
             return default
-        tree = self.store.load(latest, into=into)
-        self._adopt(latest)
-        if self.keep is not None:
+        damaged: list[tuple[Version, CheckpointError]] = []
+        for candidate in reversed(versions if fallback else versions[-1:]):
+            try:
+                tree = self.store.load(candidate, into=into)
+            except (IntegrityError, FormatError) as exc:
+                if not fallback:
+                    raise
+                damaged.append((candidate, exc))
+                continue
+            break
+        else:
+            raise damaged[0][1]
+        if damaged:
+            warnings.warn(
+                f"{self.store.root}: resuming from version {candidate.id} (step {candidate.step})"
+                " because newer versions are damaged: "
+                + "; ".join(f"version {v.id}: {exc}" for v, exc in damaged),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._steps -= {v.step for v, _ in damaged}
+        self._adopt(candidate)
+        if self.keep is not None and not damaged:
             # A run killed between a commit and its retention catches up here.
             self.store.apply_retention(self.keep, monitor=self.monitor, mode=self.mode)
-            self._steps = {v.step for v in self.store.versions() if v.step is not None}
+            self._refresh_steps()
         return tree
 
     def restore_best(self, into: Any = None) -> Any:
@@ -351,6 +414,7 @@ class CheckpointManager:
         Raises:
             VersionNotFoundError: no version has the monitored metric.
         """
+        self.wait()
         best = self.best_version
         if best is None:
             raise VersionNotFoundError(
@@ -362,6 +426,7 @@ class CheckpointManager:
 
     def restore(self, version: int | Version | str, into: Any = None) -> Any:
         """Loads a given version (id, Version, "latest", "step=N")."""
+        self.wait()
         vid = self.store.resolve(version)
         tree = self.store.load(vid, into=into)
         self._adopt(next(v for v in self.store.versions() if v.id == vid))
@@ -380,10 +445,14 @@ class CheckpointManager:
 
     # -------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        """Restores the previous signal handlers; the manager cannot save afterwards."""
+        """Waits for a background save, restores the previous signal handlers; the
+        manager cannot save afterwards."""
         if not self._closed:
-            self._restore_signals()
             self._closed = True
+            try:
+                self.store.close()  # waits for a background save; raises its error
+            finally:
+                self._restore_signals()
 
     def __enter__(self) -> CheckpointManager:
         return self

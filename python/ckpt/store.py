@@ -8,8 +8,15 @@ when its manifest has been renamed into ``versions/``. Writers (``save``,
 (``flock`` on ``STORE/lock``) for their whole duration, so writers in other
 processes and threads wait for each other (up to ``lock_timeout`` seconds, then
 :class:`~ckpt.errors.StoreLockedError`). The lock dies with its process: a
-killed writer leaves no stale lock, only debris in ``tmp/`` that the next
-writer sweeps.
+killed writer leaves no stale lock (there is nothing to time out or take
+over), only debris in ``tmp/`` that the next writer sweeps. ``flock`` is
+local to one machine: do not share a store between hosts over NFS.
+
+A writer that did not finish cleanly (killed, or failed with an I/O error)
+leaves its ``pid ... on HOST`` line in ``STORE/lock``; the next writer sees
+it and, before anything else, fsyncs the store's directories, so that
+objects the dead writer renamed into place are durable before a new version
+deduplicates against them (docs/format.md, section 10).
 """
 
 from __future__ import annotations
@@ -18,17 +25,20 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import functools
 import json
 import os
 import pickle
 import socket
+import stat
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -38,18 +48,22 @@ from .errors import (
     CheckpointError,
     FormatError,
     IntegrityError,
+    StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
     UnsafeLoadError,
     VersionNotFoundError,
 )
 from .index import (
+    MAX_MANIFEST_BYTES,
     ListingCache,
     Version,
     encode_metrics,
     format_time,
     manifest_name,
     parse_manifest,
+    read_regular_file,
+    seal_manifest,
     version_id_of,
 )
 from .retention import Keep, Plan, plan_retention
@@ -61,6 +75,7 @@ __all__ = [
     "GcResult",
     "Problem",
     "RetentionResult",
+    "SaveHandle",
     "Store",
     "VerifyResult",
     "VersionPinnedError",
@@ -68,6 +83,10 @@ __all__ = [
 
 STORE_FORMAT = "ckpt-store"
 STORE_VERSION = 1
+#: The directories of a store; each must be a real directory, never a symlink.
+LAYOUT = ("objects", "versions", "pins", "tmp", "cache")
+#: errnos of a full store.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: Raw size of a chunk (see benches/bench_store.py for the measurement behind it).
 DEFAULT_CHUNK_SIZE = 8 << 20
 #: Tensors below this size are packed together into shared chunks (small, so
@@ -109,11 +128,17 @@ class VerifyResult:
 
 @dataclass(frozen=True)
 class GcResult:
-    """Outcome of a garbage collection."""
+    """Outcome of a garbage collection.
+
+    ``missing`` lists chunks that committed versions reference but the store
+    lacks (damage to report; ``verify`` says which versions it breaks). Gc
+    never deletes a referenced chunk, damaged or not.
+    """
 
     deleted_objects: int
     freed_bytes: int
     kept_objects: int
+    missing: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +148,21 @@ class RetentionResult:
     deleted: tuple[int, ...]
     freed_bytes: int
     kept: dict[int, tuple[str, ...]]
+
+
+class SaveHandle:
+    """A save running in the background (``Store.save(..., blocking=False)``)."""
+
+    def __init__(self, future: Future[Version]) -> None:
+        self._future = future
+
+    def wait(self, timeout: float | None = None) -> Version:
+        """Blocks until the version is committed and returns it; raises the save's error."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        """True once the save finished (committed or failed)."""
+        return self._future.done()
 
 
 class Store:
@@ -170,6 +210,7 @@ class Store:
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_fd: int | None = None
+        self._unclean = False
         recorded = self._open(create, chunk_size, small_threshold)
         self.chunk_size = int(chunk_size or recorded.get("chunk_size") or DEFAULT_CHUNK_SIZE)
         self.small_threshold = min(
@@ -178,6 +219,8 @@ class Store:
         )
         self._cache = ListingCache(self.root)
         self._chunk_maps: dict[int, dict[str, int]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: SaveHandle | None = None
 
     # ----------------------------------------------------------------- layout
     def _p(self, *parts: str) -> str:
@@ -188,19 +231,21 @@ class Store:
     ) -> dict[str, Any]:
         """Creates or checks the layout; returns the store marker's contents."""
         marker = self._p("ckpt-store.json")
-        if not os.path.exists(marker):
+        if not os.path.lexists(marker):
             if not create:
                 raise StoreNotFoundError(
                     errno.ENOENT, f"{self.root} is not a ckpt store (no ckpt-store.json)", self.root
                 )
-            if os.path.isdir(self.root) and os.listdir(self.root):
+            if os.path.isdir(self.root) and not _is_blank(self.root):
                 raise FormatError(
                     f"{self.root} is a non-empty directory that is not a ckpt store;"
                     " choose an empty or new directory"
                 )
+            made = not os.path.isdir(self.root)
             os.makedirs(self.root, exist_ok=True)
-            for d in ("objects", "versions", "pins", "tmp", "cache"):
+            for d in LAYOUT:
                 os.makedirs(self._p(d), exist_ok=True)
+            self._check_layout()
             info = {
                 "format": STORE_FORMAT,
                 "version": STORE_VERSION,
@@ -208,13 +253,18 @@ class Store:
                 "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
                 "small_threshold": int(small_threshold or DEFAULT_SMALL_THRESHOLD),
             }
-            self._write_atomic(marker, json.dumps(info, indent=1).encode() + b"\n")
-            self._fsync_dir(self.root)
+            # The layout's entries and the marker become durable with the root;
+            # a new root also needs its own entry in its parent fsynced.
+            self._commit("", "ckpt-store.json", json.dumps(info, indent=1).encode() + b"\n")
+            if made:
+                self._fsync_dir(os.path.dirname(os.path.abspath(self.root)))
             return info
         try:
-            with open(marker, "rb") as f:
-                info = json.loads(f.read(1 << 16))
-        except (OSError, ValueError) as exc:
+            data = read_regular_file(marker, 1 << 16)
+            if data is None:
+                raise ValueError("not a regular file of at most 64 KiB")
+            info = json.loads(data)
+        except (OSError, ValueError, RecursionError) as exc:
             raise FormatError(f"{marker}: unreadable store marker ({exc})") from None
         if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
             raise FormatError(f"{marker}: not a ckpt store marker")
@@ -226,12 +276,13 @@ class Store:
                     f" {STORE_VERSION}); upgrade ckpt-store"
                 )
             raise FormatError(f"{marker}: unknown store format version {v!r}")
-        for d in ("objects", "versions", "pins", "tmp", "cache"):
-            if not os.path.isdir(self._p(d)):
+        for d in LAYOUT:
+            if not os.path.lexists(self._p(d)):
                 if d in ("objects", "versions"):
                     raise FormatError(f"{self.root}: store layout is damaged ({d}/ is missing)")
                 with contextlib.suppress(OSError):
                     os.makedirs(self._p(d), exist_ok=True)
+        self._check_layout()
         for key in ("chunk_size", "small_threshold"):
             if key in info and (isinstance(info[key], bool) or not isinstance(info[key], int)):
                 raise FormatError(f"{marker}: {key} must be an int")
@@ -244,50 +295,60 @@ class Store:
     def _fsync_dir(self, path: str) -> None:
         if not self.durable:
             return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def _write_atomic(self, final: str, data: bytes) -> None:
-        """Temp file in tmp/ (O_EXCL, no symlinks), fsync, rename; caller fsyncs the dir."""
-        tmp_dir = self._p("tmp")
-        os.makedirs(tmp_dir, exist_ok=True)
-        tmp = os.path.join(
-            tmp_dir, f"{os.path.basename(final)}.{os.getpid()}.{threading.get_ident()}.tmp"
-        )
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        try:
+    def _commit(self, directory: str, name: str, data: bytes) -> None:
+        """Writes ``directory/name`` atomically and durably (docs/format.md, section 10).
+
+        The engine does it: a temp file in tmp/ (O_EXCL, no symlinks), fsync,
+        rename, fsync of the directory, with the fault points around each step.
+        """
+        _core.commit_file(self.root, directory, name, data, durable=self.durable)
+
+    def _check_layout(self) -> None:
+        """Every layout directory must be a real directory: a symlink planted
+        there would make writes, renames and deletions land outside the store."""
+        for d in LAYOUT:
+            path = self._p(d)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self.durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise FormatError(
+                    f"{path} is not a directory (a symlink or file where the store expects one);"
+                    " the store is damaged or tampered with"
+                )
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[None]:
-        """The store's writer lock (re-entrant within this Store object)."""
+        """The store's writer lock (re-entrant within this Store object).
+
+        A writer that fails with an OS error (or is interrupted) may have
+        renamed objects into place without fsyncing their directories; it
+        leaves the lock file's holder line, so that the next writer recovers.
+        """
         with self._thread_lock:
             if self._lock_depth == 0:
                 self._acquire_flock()
+                self._unclean = False
             self._lock_depth += 1
             try:
                 yield
+            except BaseException as exc:
+                # Refusals (CheckpointErrors that are not OS errors) change nothing on disk;
+                # anything else, even if an outer block catches it, makes the release unclean.
+                if not isinstance(exc, CheckpointError) or isinstance(exc, OSError):
+                    self._unclean = True
+                raise
             finally:
                 self._lock_depth -= 1
                 if self._lock_depth == 0:
-                    self._release_flock()
+                    self._release_flock(clean=not self._unclean)
 
     def _acquire_flock(self) -> None:
         path = self._p("lock")
@@ -310,29 +371,101 @@ class Store:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
-        self._sweep_tmp()
-
-    def _release_flock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
+        try:
+            previous = b""
+            with contextlib.suppress(OSError):
+                previous = os.pread(fd, 200, 0)
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            self._check_layout()
+            if previous.strip():
+                self._recover()
+            self._sweep_tmp()
+        except BaseException:
+            self._release_flock(clean=False)
+            raise
+
+    def _release_flock(self, clean: bool = True) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            if clean:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def _recover(self) -> None:
+        """After a writer that did not finish: make what it renamed durable.
+
+        A killed writer may have renamed chunks into ``objects/ab/`` (or its
+        manifest into ``versions/``) without fsyncing the directory. A new
+        version that deduplicates against such a chunk would reference an
+        entry that a power loss can still take away, so every store
+        directory is fsynced once before this writer goes on.
+        """
+        if not self.durable:
+            return
+        with os.scandir(self._p("objects")) as it:
+            prefixes = [e.path for e in it if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        for path in [*prefixes, self._p("objects"), self._p("versions"), self._p("pins")]:
+            self._fsync_dir(path)
+        self._fsync_dir(self.root)
+
     def _sweep_tmp(self) -> None:
-        """Removes debris of dead writers (only called under the writer lock)."""
-        with contextlib.suppress(FileNotFoundError), os.scandir(self._p("tmp")) as it:
-            for entry in it:
+        """Removes debris of dead writers (only called under the writer lock).
+
+        Works through a descriptor of ``tmp/`` opened without following
+        symlinks, and unlinks entries relative to it: a symlink is removed,
+        never followed.
+        """
+        try:
+            dfd = os.open(self._p("tmp"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        try:
+            with os.scandir(dfd) as it:
+                names = [e.name for e in it if not e.is_dir(follow_symlinks=False)]
+            for name in names:
                 with contextlib.suppress(OSError):
-                    if entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                        os.unlink(entry.path)
+                    os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     # ----------------------------------------------------------------- saving
+    @overload
+    def save(
+        self,
+        tree: object,
+        *,
+        step: int | None = ...,
+        epoch: int | None = ...,
+        metrics: dict[str, float] | None = ...,
+        meta: dict[str, Any] | None = ...,
+        trainer: dict[str, Any] | None = ...,
+        allow_pickle: bool = ...,
+        blocking: Literal[True] = ...,
+        copy: bool = ...,
+        then: Callable[[Version], object] | None = ...,
+    ) -> Version: ...
+
+    @overload
+    def save(
+        self,
+        tree: object,
+        *,
+        step: int | None = ...,
+        epoch: int | None = ...,
+        metrics: dict[str, float] | None = ...,
+        meta: dict[str, Any] | None = ...,
+        trainer: dict[str, Any] | None = ...,
+        allow_pickle: bool = ...,
+        blocking: Literal[False],
+        copy: bool = ...,
+        then: Callable[[Version], object] | None = ...,
+    ) -> SaveHandle: ...
+
     def save(
         self,
         tree: object,
@@ -343,12 +476,26 @@ class Store:
         meta: dict[str, Any] | None = None,
         trainer: dict[str, Any] | None = None,
         allow_pickle: bool = False,
-    ) -> Version:
-        """Saves ``tree`` as a new version and returns it.
+        blocking: bool = True,
+        copy: bool = True,
+        then: Callable[[Version], object] | None = None,
+    ) -> Version | SaveHandle:
+        """Saves ``tree`` as a new version.
 
         Chunks already in the store are not written again, so unchanged
-        tensors cost (almost) nothing. The version exists once this returns
-        (with ``durable=True``, also after a power loss).
+        tensors cost (almost) nothing. With ``blocking=True`` (the default)
+        the version exists when this returns (with ``durable=True``, also
+        after a power loss) and the :class:`Version` is returned.
+
+        With ``blocking=False`` the call validates the tree, copies the leaves
+        to host memory (training may change them right away) and returns a
+        :class:`SaveHandle`; hashing, compression, writes and the commit run
+        on the store's background thread, with the GIL released for the heavy
+        part. An error surfaces on ``handle.wait()`` and is raised again by
+        the next ``save`` (which then does not save); a failed background save
+        never commits a manifest. ``copy=False`` skips the copy: the caller
+        then promises not to modify the leaves until ``handle.wait()``
+        returns. Saves of one store run one at a time, in call order.
 
         Args:
             tree: nested dict/list/tuple of numpy arrays and JSON scalars.
@@ -360,6 +507,10 @@ class Store:
                 (e.g. a scheduler holding a lambda) with pickle. Loading them
                 then needs ``allow_pickle=True`` too. Off by default: a pickle
                 runs code when it is loaded.
+            blocking: False to save in the background (see above).
+            copy: with ``blocking=False``, copy the leaves first (default).
+            then: called with the new Version after the commit, on the thread
+                that committed it (the manager applies retention there).
 
         Raises:
             TypeError: a leaf, key, metric or meta value cannot be stored (the
@@ -367,6 +518,7 @@ class Store:
             StoreLockedError: another writer kept the lock past ``lock_timeout``.
             OSError: the file system failed; no version is committed.
         """
+        self._raise_pending()
         started = time.perf_counter()
         for name, value in (("step", step), ("epoch", epoch)):
             if value is not None and (
@@ -388,11 +540,38 @@ class Store:
                 names.append(leaf.dtype_name or npa.dtype_name(leaf.array.dtype))
             except TypeError as exc:
                 raise TypeError(f"leaf {leaf.path!r}: {exc}") from None
-            arrays.append(npa.as_saveable(leaf.array))
+            array = npa.as_saveable(leaf.array)
+            if not blocking and copy and np.may_share_memory(array, leaf.array):
+                array = array.copy()  # the caller may change the leaf right away
+            arrays.append(array)
+        job = functools.partial(
+            self._write_version, started, leaves, names, arrays, skeleton,
+            step, epoch, enc_metrics, meta, trainer,
+        )  # fmt: skip
+        if blocking:
+            version = job()
+            if then is not None:
+                then(version)
+            return version
+        return self._submit(job, then)
+
+    def _write_version(
+        self,
+        started: float,
+        leaves: list[Leaf],
+        names: list[str],
+        arrays: list[np.ndarray[Any, Any]],
+        skeleton: dict[str, Any],
+        step: int | None,
+        epoch: int | None,
+        enc_metrics: dict[str, Any],
+        meta: dict[str, Any],
+        trainer: dict[str, Any],
+    ) -> Version:
+        """Writes the chunks and commits the manifest, under the writer lock."""
         views = [npa.byte_view(a) for a in arrays]
         groups = [npa.group_width(n) for n in names]
-
-        with self._writer():
+        with self._writer(), self._full_store_errors():
             existing = self._cache.committed_ids()
             new_id = max(max(existing, default=0), self._deleted_high_water()) + 1
             parent = max(existing) if existing else None
@@ -443,13 +622,81 @@ class Store:
                     "seconds": round(time.perf_counter() - started, 6),
                 },
             }
-            data = json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
-            final = self._p("versions", manifest_name(new_id))
-            self._write_atomic(final, data)  # the commit point
-            self._fsync_dir(self._p("versions"))
+            data = seal_manifest(
+                json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
+            )
+            self._commit("versions", manifest_name(new_id), data)  # the commit point
             version = Version.from_summary(manifest)
             self._cache.append(version)
         return version
+
+    # ------------------------------------------------------- background saves
+    def _submit(
+        self, job: Callable[[], Version], then: Callable[[Version], object] | None
+    ) -> SaveHandle:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-save")
+
+        def run() -> Version:
+            version = job()
+            if then is not None:
+                then(version)
+            return version
+
+        handle = SaveHandle(self._executor.submit(run))
+        self._pending = handle
+        return handle
+
+    def _raise_pending(self) -> None:
+        """Waits for the previous background save; raises its error (once)."""
+        handle, self._pending = self._pending, None
+        if handle is not None:
+            handle.wait()
+
+    def wait(self) -> None:
+        """Waits for the background save in flight, if any, and raises its error."""
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Waits for background saves and stops the background thread."""
+        try:
+            self._raise_pending()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _full_store_errors(self) -> Iterator[None]:
+        """Turns a full file system (ENOSPC, EDQUOT, EFBIG) into one clear StoreFullError."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _FULL:
+                raise
+            if exc.errno == errno.EFBIG:
+                what = "cannot grow a file that large (a file-size limit, RLIMIT_FSIZE?)"
+            elif exc.errno == errno.EDQUOT:
+                what = "is over its disk quota"
+            else:
+                what = "is full"
+                with contextlib.suppress(OSError):
+                    st = os.statvfs(self._p("objects"))
+                    what += f" ({st.f_bavail * st.f_frsize} bytes free now)"
+            detail = exc.strerror if isinstance(exc, StoreFullError) else str(exc)
+            raise StoreFullError(
+                exc.errno,
+                f"store {self.root} {what}: {detail}. The version was not saved; its"
+                " temporary files are removed and every earlier version is intact. Free space"
+                " (delete versions, then gc) or save to another store.",
+                exc.filename,
+            ) from None
 
     # ---------------------------------------------------------------- listing
     def versions(self) -> list[Version]:
@@ -475,6 +722,9 @@ class Store:
 
     @contextlib.contextmanager
     def _try_writer(self) -> Iterator[None]:
+        """The writer lock if it is free right now (a background save may hold it)."""
+        if not self._thread_lock.acquire(blocking=False):
+            raise StoreLockedError("a save of this store is in progress")
         saved, self.lock_timeout = self.lock_timeout, 0.0
         try:
             with self._writer():
@@ -482,6 +732,7 @@ class Store:
                 yield
         finally:
             self.lock_timeout = saved
+            self._thread_lock.release()
 
     def latest(self) -> Version | None:
         """The newest version (the resume target), or None for an empty store."""
@@ -575,7 +826,7 @@ class Store:
         vid = self.resolve(ref) if not isinstance(ref, int) or isinstance(ref, bool) else ref
         path = self._p("versions", manifest_name(vid))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise VersionNotFoundError(f"version {vid} is not in {self.root}") from None
         except OSError as exc:
@@ -583,7 +834,15 @@ class Store:
                 raise FormatError(f"{path} is a symlink; refusing to follow it") from None
             raise
         with os.fdopen(fd, "rb") as f:
-            data = f.read(256 << 20 | 1)
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{path} is not a regular file")
+            if st.st_size > MAX_MANIFEST_BYTES:
+                raise FormatError(
+                    f"version {vid}: manifest of {st.st_size} bytes exceeds the limit"
+                    f" ({MAX_MANIFEST_BYTES}); refusing to read it"
+                )
+            data = f.read(MAX_MANIFEST_BYTES + 1)
         m = parse_manifest(data, f"version {vid}")
         if m["id"] != vid:
             raise FormatError(f"version {vid}: manifest records id {m['id']}")
@@ -641,6 +900,7 @@ class Store:
             )
         wanted = {n["i"] for _, n in nodes}
         tensors = m["tensors"]
+        self._probe(vid, m, wanted)  # before allocating or overwriting anything
         reuse: dict[str, Any] = {}
         if into is not None:
             hook = _leaf_hook(into, False, keep_objects=True)
@@ -702,6 +962,20 @@ class Store:
         except ValueError as exc:
             raise FormatError(f"version {vid}: malformed tree: {exc}") from None
 
+    def _probe(self, vid: int, m: dict[str, Any], indices: Iterable[int]) -> None:
+        """Checks the chunk headers the tensors ``indices`` need (present, this
+        format, the recorded raw length, the right file size) without decoding."""
+        table = m["chunks"]
+        used = sorted({s[0] for i in indices for s in m["tensors"][i]["spans"]})
+        if not used:
+            return
+        try:
+            _core.probe_chunks(
+                self.root, [(table[ci][0], table[ci][1]) for ci in used], threads=self.threads
+            )
+        except (IntegrityError, FormatError) as exc:
+            raise self._located(exc, vid, m) from None
+
     def _read_tensors(
         self, vid: int, m: dict[str, Any], views: dict[int, np.ndarray[Any, Any]]
     ) -> None:
@@ -748,6 +1022,8 @@ class Store:
             FormatError: a chunk header or the manifest's tables are malformed.
         """
         tensors = manifest["tensors"]
+        indices = list(indices)
+        self._probe(int(manifest["id"]), manifest, indices)
         views = {i: np.empty(int(tensors[i]["nbytes"]), np.uint8) for i in indices}
         if views:
             self._read_tensors(int(manifest["id"]), manifest, views)
@@ -831,10 +1107,8 @@ class Store:
         """Pins a version so that it is never deleted."""
         with self._writer():
             vid = self.resolve(version)
-            path = self._p("pins", manifest_name(vid))
-            if not os.path.exists(path):
-                self._write_atomic(path, b"{}\n")
-                self._fsync_dir(self._p("pins"))
+            if not os.path.lexists(self._p("pins", manifest_name(vid))):
+                self._commit("pins", manifest_name(vid), b"{}\n")
 
     def unpin(self, version: int | Version | str) -> None:
         """Removes a pin (no-op when the version is not pinned)."""
@@ -857,21 +1131,18 @@ class Store:
                 raise VersionPinnedError(f"version {vid} is pinned; unpin it before deleting it")
             if vid == max(self._cache.committed_ids()) and vid > self._deleted_high_water():
                 # ids are never reused: remember the highest id before it disappears
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._p("last-id"))
-                self._write_atomic(self._p("last-id"), f"{vid}\n".encode())
-                self._fsync_dir(self.root)
+                self._commit("", "last-id", f"{vid}\n".encode())
             os.unlink(self._p("versions", manifest_name(vid)))
             self._fsync_dir(self._p("versions"))
             self._chunk_maps.pop(vid, None)
 
     def _deleted_high_water(self) -> int:
         """The highest id ever deleted while it was the newest (``last-id``), or 0."""
-        try:
-            with open(self._p("last-id"), "rb") as f:
-                text = f.read(32).decode().strip()
-        except FileNotFoundError:
+        path = self._p("last-id")
+        if not os.path.lexists(path):
             return 0
+        data = read_regular_file(path, 64)
+        text = "" if data is None else data.decode(errors="replace").strip()
         if not text.isascii() or not text.isdigit():
             raise FormatError(f"{self._p('last-id')}: expected a version id, found {text!r}")
         return int(text)
@@ -898,8 +1169,9 @@ class Store:
                 referenced.update(c[0] for c in m["chunks"])
             objects = _core.list_objects(self.root)
             garbage = [oid for oid, _ in objects if oid not in referenced]
+            missing = tuple(sorted(referenced - {oid for oid, _ in objects}))
             freed = _core.delete_objects(self.root, garbage, durable=self.durable) if garbage else 0
-            return GcResult(len(garbage), freed, len(objects) - len(garbage))
+            return GcResult(len(garbage), freed, len(objects) - len(garbage), missing)
 
     # --------------------------------------------------------------- retention
     def chunk_map(self, version: int | Version | str) -> dict[str, int]:
@@ -1024,6 +1296,22 @@ def _torch_adapter(vid: int) -> Any:
             " pip install 'ckpt-store[torch]', or load with as_numpy=True"
         ) from None
     return torch_adapter
+
+
+def _is_blank(root: str) -> bool:
+    """True for a directory that holds nothing but (parts of) an empty store
+    layout: what a store creation interrupted before its marker leaves."""
+    with os.scandir(root) as it:
+        entries = list(it)
+    for e in entries:
+        if e.name == "lock" and e.is_file(follow_symlinks=False):
+            continue
+        if e.name not in LAYOUT or not e.is_dir(follow_symlinks=False):
+            return False
+        with os.scandir(e.path) as inner:
+            if e.name != "tmp" and any(True for _ in inner):
+                return False
+    return True
 
 
 def _now_text() -> str:

@@ -235,8 +235,12 @@ def iter_tensor_nodes(node: object) -> Iterator[tuple[str, int]]:
 def iter_data_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node]]:
     """Yields ``(path, node)`` for every tensor, view and pickle node of a skeleton.
 
+    Checks every node on the way: its type tag, its keys and values, and that
+    the keys of a dict give distinct leaf paths.
+
     Raises:
-        ValueError: a container node is malformed, a tensor index is not a
+        ValueError: a node is malformed (unknown type, missing or mistyped
+            field, two dict keys with the same path), a tensor index is not a
             non-negative int, or the tree nests deeper than :data:`MAX_DEPTH`.
     """
     if depth > MAX_DEPTH:
@@ -269,9 +273,13 @@ def iter_data_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tu
         keys, values = node.get("k"), node.get("v")
         if not isinstance(keys, list) or not isinstance(values, list) or len(keys) != len(values):
             raise ValueError(f"malformed dict node at {path!r}")
+        seen: set[str] = set()
         for key, value in zip(keys, values, strict=True):
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise ValueError(f"dict key {key!r} at {path!r} is not str or int")
+            if str(key) in seen:
+                raise ValueError(f"dict at {path!r} holds key {key!r} twice (duplicate leaf path)")
+            seen.add(str(key))
             yield from iter_data_nodes(value, _join(path, key), depth + 1)
     elif t in ("list", "tuple"):
         values = node.get("v")
@@ -279,6 +287,27 @@ def iter_data_nodes(node: object, path: str = "", depth: int = 0) -> Iterator[tu
             raise ValueError(f"malformed {t} node at {path!r}")
         for i, value in enumerate(values):
             yield from iter_data_nodes(value, _join(path, i), depth + 1)
+    elif not _is_scalar_node(t, node.get("v")):
+        raise ValueError(f"malformed leaf node {t!r} at {path!r}")
+
+
+def _is_scalar_node(t: object, v: object) -> bool:
+    """Whether ``{"t": t, "v": v}`` is a well-formed scalar leaf node."""
+    if t == "none":
+        return True
+    if t == "bool":
+        return isinstance(v, bool)
+    if t == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t == "str":
+        return isinstance(v, str)
+    if t == "float":
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)) or v in (
+            "nan",
+            "inf",
+            "-inf",
+        )
+    return False
 
 
 _MISSING = object()

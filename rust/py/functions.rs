@@ -171,6 +171,22 @@ pub fn verify_chunks(
         .collect())
 }
 
+/// Checks that chunks `(id, raw_len)` exist with well-formed headers that
+/// record that raw length and match their file size, without decoding them.
+/// Raises the first problem found (MissingObjectError, FormatError, IntegrityError).
+#[pyfunction]
+#[pyo3(signature = (root, chunks, *, threads=None))]
+pub fn probe_chunks(
+    py: Python<'_>,
+    root: PathBuf,
+    chunks: Vec<(String, u64)>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let refs = chunk_refs(&chunks)?;
+    py.detach(|| pipeline::probe(&LocalFs::new(root, false), &refs, threads))
+        .map_err(to_py)
+}
+
 /// Every object in the store: `(id, stored_len)`, sorted by id.
 #[pyfunction]
 pub fn list_objects(py: Python<'_>, root: PathBuf) -> PyResult<Vec<(String, u64)>> {
@@ -178,6 +194,24 @@ pub fn list_objects(py: Python<'_>, root: PathBuf) -> PyResult<Vec<(String, u64)
         .detach(|| LocalFs::new(root, false).list())
         .map_err(to_py)?;
     Ok(objects.into_iter().map(|(id, n)| (id.hex(), n)).collect())
+}
+
+/// Writes `data` atomically to `root/directory/name` (`directory` "" for the
+/// root): temp file in `tmp/`, fsync, rename, fsync of the directory (no
+/// fsync when not `durable`). For `directory == "versions"` this is a
+/// manifest's commit.
+#[pyfunction]
+#[pyo3(signature = (root, directory, name, data, *, durable=true))]
+pub fn commit_file(
+    py: Python<'_>,
+    root: PathBuf,
+    directory: &str,
+    name: &str,
+    data: &[u8],
+    durable: bool,
+) -> PyResult<()> {
+    py.detach(|| ckpt_engine::commit_file(&root, directory, name, data, durable))
+        .map_err(to_py)
 }
 
 /// Deletes objects by id (absent ones are skipped); returns the bytes freed.

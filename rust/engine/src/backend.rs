@@ -3,13 +3,14 @@
 //! chunking or codecs. [`LocalFs`] is the local-filesystem backend.
 
 use crate::error::{Error, Result};
+use crate::fault;
 use crate::object_id::ObjectId;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -30,6 +31,10 @@ pub trait Backend: Send + Sync {
     fn list(&self) -> Result<Vec<(ObjectId, u64)>>;
     /// Makes every `put` so far durable (directory entries included).
     fn flush(&self) -> Result<()>;
+    /// Bytes free for new objects, when the backend can tell.
+    fn free_space(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Objects as files `objects/ab/cdef…` under a store root; temp files in `tmp/`.
@@ -41,6 +46,8 @@ pub struct LocalFs {
     /// Directories checked to be real directories (not symlinks).
     checked: Mutex<HashSet<String>>,
     new_dirs: AtomicU64,
+    /// Whether `delete` ran since the last flush (names its fault points).
+    deleted: AtomicBool,
     /// Durable puts written to `tmp/` whose fsync and rename wait for `flush`:
     /// (temp path, final path, object directory).
     pending: Mutex<Vec<(PathBuf, PathBuf, String)>>,
@@ -58,6 +65,7 @@ impl LocalFs {
             touched: Mutex::new(HashSet::new()),
             checked: Mutex::new(HashSet::new()),
             new_dirs: AtomicU64::new(0),
+            deleted: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
         }
     }
@@ -73,20 +81,27 @@ impl LocalFs {
         (prefix, path)
     }
 
-    /// Ensures `objects/<prefix>` is a real directory, creating it if needed.
-    fn ensure_dir(&self, prefix: &str) -> Result<()> {
+    /// Whether the directory `objects/<prefix>` of object `id` is a real
+    /// directory (never a symlink, which is refused as tampering); creates it
+    /// when absent and `create` is set. Returns false when it is absent (and
+    /// not created).
+    fn real_dir(&self, id: &ObjectId, prefix: &str, create: bool) -> Result<bool> {
         if self.checked.lock().expect("lock").contains(prefix) {
-            return Ok(());
+            return Ok(true);
         }
         let dir = self.objects().join(prefix);
         match fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(Error::Invalid(format!(
-                    "{} is not a directory (a symlink or file where the store expects a directory); the store is damaged or tampered with",
-                    dir.display()
-                )))
+                return Err(Error::Format {
+                    object: id.hex(),
+                    detail: format!(
+                        "{} is not a directory (a symlink or file where the store expects a directory); the store is damaged or tampered with",
+                        dir.display()
+                    ),
+                })
             }
+            Err(e) if e.kind() == ErrorKind::NotFound && !create => return Ok(false),
             Err(e) if e.kind() == ErrorKind::NotFound => match fs::create_dir(&dir) {
                 Ok(()) => {
                     self.new_dirs.fetch_add(1, Ordering::Relaxed);
@@ -100,17 +115,24 @@ impl LocalFs {
             .lock()
             .expect("lock")
             .insert(prefix.to_string());
-        Ok(())
+        Ok(true)
     }
 
     fn open_object(&self, id: &ObjectId) -> Result<File> {
-        let (_, path) = self.path_of(id);
+        let (prefix, path) = self.path_of(id);
+        if !self.real_dir(id, &prefix, false)? {
+            return Err(Error::Missing { object: id.hex() });
+        }
         OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| match e.kind() {
                 ErrorKind::NotFound => Error::Missing { object: id.hex() },
+                _ if e.raw_os_error() == Some(libc::ELOOP) => Error::Format {
+                    object: id.hex(),
+                    detail: format!("{} is a symlink; refusing to follow it", path.display()),
+                },
                 _ => Error::io("open", &path, e),
             })
     }
@@ -140,16 +162,119 @@ impl Drop for LocalFs {
 }
 
 fn fsync_dir(path: &Path) -> Result<()> {
-    let dir = File::open(path).map_err(|e| Error::io("open directory", path, e))?;
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io("open directory", path, e))?;
     dir.sync_all()
         .map_err(|e| Error::io("fsync directory", path, e))
 }
 
+static FILE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes a small file atomically: `tmp/<name>.<pid>.<n>.tmp` (created with
+/// O_EXCL and O_NOFOLLOW), fsync, rename onto `<root>/<dir>/<name>`, fsync
+/// `<root>/<dir>`. With `durable == false` nothing is fsynced. `dir` is ""
+/// (the store root) or one directory name; `name` a plain file name. A
+/// manifest (`dir == "versions"`) is committed when the rename is done; the
+/// fault points around it are the `manifest.*` ones, `file.*` for the rest.
+pub fn commit_file(root: &Path, dir: &str, name: &str, data: &[u8], durable: bool) -> Result<()> {
+    let plain =
+        |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0');
+    if !plain(name) || !(dir.is_empty() || plain(dir)) {
+        return Err(Error::Invalid(format!(
+            "{dir:?}/{name:?} is not a store file name"
+        )));
+    }
+    let manifest = dir == "versions";
+    let [tmp_written, after_fsync, after_rename] = if manifest {
+        [
+            "manifest.tmp_written",
+            "manifest.after_fsync",
+            "manifest.after_rename",
+        ]
+    } else {
+        ["file.tmp_written", "file.after_fsync", "file.after_rename"]
+    };
+    let folder = if dir.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(dir)
+    };
+    let last = folder.join(name);
+    let n = FILE_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = root
+        .join("tmp")
+        .join(format!("{name}.{}.{n}.tmp", std::process::id()));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| Error::io("create", &tmp, e))?;
+        f.write_all(data)
+            .and_then(|()| fault::point(tmp_written))
+            .map_err(|e| Error::io("write", &tmp, e))?;
+        if durable {
+            f.sync_all()
+                .and_then(|()| fault::point(after_fsync))
+                .map_err(|e| Error::io("fsync", &tmp, e))?;
+        }
+        fs::rename(&tmp, &last).map_err(|e| Error::io("rename", &last, e))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return written;
+    }
+    let synced = fault::point(after_rename)
+        .map_err(|e| Error::io("fsync directory", &folder, e))
+        .and_then(|()| if durable { fsync_dir(&folder) } else { Ok(()) });
+    if let Err(e) = synced {
+        if manifest {
+            // Not durable, so not committed: take the version back rather
+            // than leave one that a power loss may still remove.
+            let _ = fs::remove_file(&last);
+        }
+        return Err(e);
+    }
+    if manifest {
+        // A kill point only: after it nothing can fail.
+        let _ = fault::point("manifest.after_dir_fsync");
+    }
+    Ok(())
+}
+
+/// Bytes available to an unprivileged writer on the file system of `path`.
+fn statvfs_free(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} holds a NUL byte", path.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid C string and `st` a writable statvfs the call fills.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(Error::io("statvfs", path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it initialised the struct.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u64 here, u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 impl Backend for LocalFs {
     fn stored_size(&self, id: &ObjectId) -> Result<Option<u64>> {
-        let (_, path) = self.path_of(id);
+        let (prefix, path) = self.path_of(id);
+        if !self.real_dir(id, &prefix, false)? {
+            return Ok(None);
+        }
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
+            // A planted symlink is not an object: a save renames a real one over it.
+            Ok(m) if m.file_type().is_symlink() => Ok(None),
             Ok(_) => Err(Error::Format {
                 object: id.hex(),
                 detail: format!("{} is not a regular file", path.display()),
@@ -161,7 +286,7 @@ impl Backend for LocalFs {
 
     fn put(&self, id: &ObjectId, parts: &[&[u8]]) -> Result<()> {
         let (prefix, path) = self.path_of(id);
-        self.ensure_dir(&prefix)?;
+        self.real_dir(id, &prefix, true)?;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp =
             self.root
@@ -178,6 +303,7 @@ impl Backend for LocalFs {
             for part in parts {
                 f.write_all(part).map_err(|e| Error::io("write", &tmp, e))?;
             }
+            fault::point("chunk.tmp_written").map_err(|e| Error::io("write", &tmp, e))?;
             if self.durable {
                 // Start writeback now; `flush` waits for it (fsync), then renames,
                 // so the disk works while the other chunks are being compressed.
@@ -222,10 +348,19 @@ impl Backend for LocalFs {
 
     fn delete(&self, id: &ObjectId) -> Result<u64> {
         let (prefix, path) = self.path_of(id);
-        let size = match self.stored_size(id)? {
-            Some(s) => s,
-            None => return Ok(0),
+        // Never through a symlinked objects/ab (it could point outside the store).
+        if !self.real_dir(id, &prefix, false)? {
+            return Ok(0);
+        }
+        let size = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(m) if m.file_type().is_symlink() => 0, // unlinking a link never follows it
+            Ok(_) => return Ok(0),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("stat", &path, e)),
         };
+        fault::point("gc.before_delete").map_err(|e| Error::io("delete", &path, e))?;
+        self.deleted.store(true, Ordering::Relaxed);
         match fs::remove_file(&path) {
             Ok(()) => {
                 self.touched.lock().expect("lock").insert(prefix);
@@ -268,6 +403,7 @@ impl Backend for LocalFs {
     fn flush(&self) -> Result<()> {
         if !self.durable {
             self.touched.lock().expect("lock").clear();
+            self.deleted.store(false, Ordering::Relaxed);
             return Ok(());
         }
         let pending: Vec<(PathBuf, PathBuf, String)> =
@@ -275,8 +411,10 @@ impl Backend for LocalFs {
         let done: Vec<Result<String>> = pending
             .into_par_iter()
             .map(|(tmp, path, prefix)| {
-                let synced = File::open(&tmp)
+                let synced = fault::point("chunk.before_fsync")
+                    .and_then(|()| File::open(&tmp))
                     .and_then(|f| f.sync_all())
+                    .and_then(|()| fault::point("chunk.after_fsync"))
                     .map_err(|e| Error::io("fsync", &tmp, e))
                     .and_then(|()| {
                         fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
@@ -284,7 +422,10 @@ impl Backend for LocalFs {
                 if synced.is_err() {
                     let _ = fs::remove_file(&tmp);
                 }
-                synced.map(|()| prefix)
+                synced.and_then(|()| {
+                    fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &path, e))
+                })?;
+                Ok(prefix)
             })
             .collect();
         {
@@ -297,6 +438,14 @@ impl Backend for LocalFs {
             return Err(e);
         }
         let dirs: Vec<String> = self.touched.lock().expect("lock").drain().collect();
+        let (before, after) = if self.deleted.swap(false, Ordering::Relaxed) {
+            ("gc.before_dir_fsync", None)
+        } else {
+            ("objects.before_dir_fsync", Some("objects.after_dir_fsync"))
+        };
+        if !dirs.is_empty() {
+            fault::point(before).map_err(|e| Error::io("fsync directory", self.objects(), e))?;
+        }
         dirs.par_iter()
             .try_for_each(|prefix| fsync_dir(&self.objects().join(prefix)))?;
         // Also when this writer created no directory: a crashed writer may
@@ -304,7 +453,17 @@ impl Backend for LocalFs {
         self.new_dirs.store(0, Ordering::Relaxed);
         if !dirs.is_empty() {
             fsync_dir(&self.objects())?;
+            if let Some(after) = after {
+                let _ = fault::point(after); // a kill point only
+            }
         }
         Ok(())
+    }
+
+    fn free_space(&self) -> Result<Option<u64>> {
+        if let Some(free) = fault::free_space_override() {
+            return Ok(Some(free));
+        }
+        statvfs_free(&self.objects()).map(Some)
     }
 }

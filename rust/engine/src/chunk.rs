@@ -494,6 +494,14 @@ pub fn decode_payload(
         return decode_plane(codec, payload, out, 0, object);
     }
     if scratch.len() < out.len() {
+        if scratch
+            .try_reserve_exact(out.len() - scratch.len())
+            .is_err()
+        {
+            return Err(Error::OutOfMemory {
+                bytes: out.len() as u64,
+            });
+        }
         scratch.resize(out.len(), 0);
     }
     // Decompress the zstd planes into the scratch, then merge every plane.

@@ -28,6 +28,13 @@ pub enum Error {
     /// The caller passed something unusable (sizes, targets, options).
     #[error("{0}")]
     Invalid(String),
+    /// A save was refused before writing anything: its new chunks need more
+    /// space than the file system has free.
+    #[error("no space for this save: its new chunks need up to {needed} bytes (counted uncompressed) and {free} bytes are free; nothing was written")]
+    NoSpace { needed: u64, free: u64 },
+    /// A buffer for stored data could not be allocated.
+    #[error("cannot allocate {bytes} bytes")]
+    OutOfMemory { bytes: u64 },
 }
 
 /// Result alias of the engine.

@@ -8,15 +8,19 @@ pub mod backend;
 pub mod bytegroup;
 pub mod chunk;
 pub mod error;
+pub mod fault;
+#[cfg(test)]
+mod fuzz;
 pub mod huff;
 pub mod object_id;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;
 
-pub use backend::{Backend, LocalFs};
+pub use backend::{commit_file, Backend, LocalFs};
 pub use chunk::EncodeOptions;
 pub use error::{Error, Result};
+pub use fault::FAULT_POINTS;
 pub use object_id::ObjectId;
 pub use pipeline::{
     restore, save, verify, ChunkInfo, ChunkRef, Placement, SaveOptions, Saved, Span, TensorIn,

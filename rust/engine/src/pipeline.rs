@@ -63,6 +63,7 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
     let planned = plan(&sizes, opts.chunks);
     let claimed: Mutex<HashSet<ObjectId>> = Mutex::new(HashSet::new());
     let results: Vec<(ObjectId, Option<(u64, bool)>)> = pool::run_with(opts.threads, || {
+        check_space(backend, tensors, &planned)?;
         planned
             .par_iter()
             .map(|c| save_chunk(backend, tensors, c, &opts.encode, &claimed))
@@ -136,6 +137,57 @@ fn validate_save_options(opts: &SaveOptions) -> Result<()> {
     Ok(())
 }
 
+/// Most bytes a chunk file takes beyond its raw bytes (header of 16 planes,
+/// each zstd plane at most 64 bytes over its raw length).
+const CHUNK_OVERHEAD: u64 = (24 + 16 * chunk::MAX_PLANES as u64) + 64 * chunk::MAX_PLANES as u64;
+
+/// Refuses a save whose new chunks cannot fit, before anything is written.
+/// Costs one `free_space` call when the tensors fit even uncompressed and
+/// undeduplicated (the common case); otherwise hashes every chunk first and
+/// counts the ones the store lacks at their uncompressed size.
+fn check_space(
+    backend: &dyn Backend,
+    tensors: &[TensorIn<'_>],
+    planned: &[PlannedChunk],
+) -> Result<()> {
+    let Some(free) = backend.free_space()? else {
+        return Ok(());
+    };
+    let total: u64 = planned.iter().map(|c| c.len as u64 + CHUNK_OVERHEAD).sum();
+    if total <= free {
+        return Ok(());
+    }
+    let ids: Vec<(ObjectId, u64)> = planned
+        .par_iter()
+        .map(|c| (ObjectId::of(&chunk_bytes(tensors, c)), c.len as u64))
+        .collect();
+    let mut seen = HashSet::new();
+    let mut needed = 0u64;
+    for (id, len) in ids {
+        if seen.insert(id) && backend.stored_size(&id)?.is_none() {
+            needed += len + CHUNK_OVERHEAD;
+        }
+    }
+    if needed > free {
+        return Err(Error::NoSpace { needed, free });
+    }
+    Ok(())
+}
+
+/// The raw bytes of a planned chunk: borrowed from its tensor, or packed.
+fn chunk_bytes<'a>(tensors: &[TensorIn<'a>], c: &PlannedChunk) -> Cow<'a, [u8]> {
+    if c.pieces.len() == 1 {
+        let p = c.pieces[0];
+        Cow::Borrowed(&tensors[p.tensor].data[p.offset..p.offset + p.len])
+    } else {
+        let mut packed = Vec::with_capacity(c.len);
+        for p in &c.pieces {
+            packed.extend_from_slice(&tensors[p.tensor].data[p.offset..p.offset + p.len]);
+        }
+        Cow::Owned(packed)
+    }
+}
+
 /// Hashes one planned chunk in place (or its packed copy) and writes it unless
 /// it exists or another worker of this save claimed it.
 fn save_chunk(
@@ -145,16 +197,7 @@ fn save_chunk(
     opts: &EncodeOptions,
     claimed: &Mutex<HashSet<ObjectId>>,
 ) -> Result<(ObjectId, Option<(u64, bool)>)> {
-    let raw: Cow<'_, [u8]> = if c.pieces.len() == 1 {
-        let p = c.pieces[0];
-        Cow::Borrowed(&tensors[p.tensor].data[p.offset..p.offset + p.len])
-    } else {
-        let mut packed = Vec::with_capacity(c.len);
-        for p in &c.pieces {
-            packed.extend_from_slice(&tensors[p.tensor].data[p.offset..p.offset + p.len]);
-        }
-        Cow::Owned(packed)
-    };
+    let raw = chunk_bytes(tensors, c);
     let id = ObjectId::of(&raw);
     if !claimed.lock().expect("claim lock").insert(id) {
         return Ok((id, None));
@@ -188,14 +231,20 @@ thread_local! {
     static CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Runs `f` with a per-thread buffer of exactly `len` bytes (contents undefined).
+/// Runs `f` with a per-thread buffer of exactly `len` bytes (contents
+/// undefined). The sizes come from stored data (bounded by the format's
+/// limits), so a failed allocation is an error, not an abort of the process.
 fn with_buffer<R>(
     key: &'static std::thread::LocalKey<std::cell::Cell<Vec<u8>>>,
     len: usize,
-    f: impl FnOnce(&mut [u8]) -> R,
-) -> R {
+    f: impl FnOnce(&mut [u8]) -> Result<R>,
+) -> Result<R> {
     let mut buf = key.with(|cell| cell.take());
     if buf.len() < len {
+        if buf.try_reserve_exact(len - buf.len()).is_err() {
+            key.with(|cell| cell.set(buf));
+            return Err(Error::OutOfMemory { bytes: len as u64 });
+        }
         buf.resize(len, 0);
     }
     let result = f(&mut buf[..len]);
@@ -268,8 +317,10 @@ pub fn restore(
                 };
                 load_chunk(backend, &c, out)
             } else {
+                // The header first: the scratch is sized by a checked raw length.
+                let (header, size) = read_header(backend, &c)?;
                 with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
-                    load_chunk(backend, &c, scratch)?;
+                    decode_chunk(backend, &c, &header, size, scratch)?;
                     scatter(scratch, ps, &bases);
                     Ok(())
                 })
@@ -346,13 +397,21 @@ fn check_tiling(chunks: &[ChunkRef], target_lens: &[u64], placements: &[Placemen
 
 const HEAD_MAX: usize = 24 + 16 * chunk::MAX_PLANES;
 
-/// Reads chunk `c` into `out` (exactly its raw length) and verifies its hash.
-pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result<()> {
+/// Reads and checks chunk `c`'s header: the object exists, its header parses
+/// (magic, format version, filter, codecs), records the raw length the
+/// manifest expects, and the file has exactly the size the header says.
+fn read_header(backend: &dyn Backend, c: &ChunkRef) -> Result<(Header, u64)> {
     let object = c.id.hex();
+    if c.raw_len > chunk::MAX_RAW_LEN {
+        return Err(Error::Format {
+            object,
+            detail: format!("recorded raw length {} exceeds the limit", c.raw_len),
+        });
+    }
     let mut head = [0u8; HEAD_MAX];
     let (n, size) = backend.read_at(&c.id, 0, &mut head)?;
     let header = Header::parse(&head[..n], &object)?;
-    if header.raw_len != c.raw_len || out.len() as u64 != c.raw_len {
+    if header.raw_len != c.raw_len {
         return Err(Error::Format {
             object,
             detail: format!(
@@ -370,6 +429,43 @@ pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result
             ),
         });
     }
+    Ok((header, size))
+}
+
+/// Checks the headers of `chunks` (see `read_header`) without decoding them:
+/// what a load does before it allocates its arrays, so that a manifest that
+/// names missing, foreign or mismatched chunks fails before a large
+/// allocation and before a byte of the caller's arrays is overwritten.
+pub fn probe(backend: &dyn Backend, chunks: &[ChunkRef], threads: Option<usize>) -> Result<()> {
+    pool::run_with(threads, || {
+        chunks
+            .par_iter()
+            .try_for_each(|c| read_header(backend, c).map(|_| ()))
+    })?
+}
+
+/// Reads chunk `c` into `out` (exactly its raw length) and verifies its hash.
+pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result<()> {
+    let (header, size) = read_header(backend, c)?;
+    decode_chunk(backend, c, &header, size, out)
+}
+
+/// Decodes chunk `c`, whose header `read_header` checked, into `out` and verifies its hash.
+fn decode_chunk(
+    backend: &dyn Backend,
+    c: &ChunkRef,
+    header: &Header,
+    size: u64,
+    out: &mut [u8],
+) -> Result<()> {
+    let object = c.id.hex();
+    if out.len() as u64 != c.raw_len {
+        return Err(Error::Invalid(format!(
+            "a target of {} bytes for chunk {object} of {} bytes",
+            out.len(),
+            c.raw_len
+        )));
+    }
     let start = header.header_len() as u64;
     if header.filter == Filter::None && header.planes[0].0 == Codec::Raw {
         let (got, _) = backend.read_at(&c.id, start, out)?;
@@ -384,8 +480,7 @@ pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result
         with_buffer(&PAYLOAD, len, |payload| {
             let (got, _) = backend.read_at(&c.id, start, payload)?;
             let mut planes = PLANES.with(|cell| cell.take());
-            let decoded =
-                chunk::decode_payload(&header, &payload[..got], &object, out, &mut planes);
+            let decoded = chunk::decode_payload(header, &payload[..got], &object, out, &mut planes);
             PLANES.with(|cell| cell.set(planes));
             decoded
         })?;
@@ -410,16 +505,13 @@ pub fn verify(
         chunks
             .par_iter()
             .map(|c| {
-                if c.raw_len > chunk::MAX_RAW_LEN {
-                    return Some(Error::Format {
-                        object: c.id.hex(),
-                        detail: "recorded raw length exceeds the limit".into(),
-                    });
-                }
+                // The header first: the scratch is sized by a checked raw length.
+                let (header, size) = read_header(backend, c)?;
                 with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
-                    load_chunk(backend, c, scratch).err()
+                    decode_chunk(backend, c, &header, size, scratch)
                 })
             })
+            .map(Result::err)
             .collect()
     })
 }
