@@ -36,8 +36,9 @@ def _load_module(name: str, path: Path) -> Any:
 
 
 golden = _load_module("make_golden", HERE / "data" / "make_golden.py")
-ref = _load_module("reference_reader", HERE / "reference_reader.py")
-treecmp = _load_module("treecmp", HERE / "treecmp.py")
+import reference_reader as ref  # noqa: E402  (tests/ is on sys.path, as for conftest)
+import treecmp  # noqa: E402
+
 assert_same = treecmp.assert_same
 
 EXPECTED = golden.golden_versions()

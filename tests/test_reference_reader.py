@@ -8,11 +8,9 @@ chunk header field is as documented, every zstd plane decodes with the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +25,8 @@ import ckpt
 HERE = Path(__file__).resolve().parent
 
 
-def _load_module(name: str, path: Path) -> Any:
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_module("reference_reader", HERE / "reference_reader.py")
-assert_same = _load_module("treecmp", HERE / "treecmp.py").assert_same
-to_native = _load_module("treecmp", HERE / "treecmp.py").to_native
+import reference_reader as ref  # noqa: E402  (tests/ is on sys.path, as for conftest)
+from treecmp import assert_same, to_native  # noqa: E402
 
 CHUNK = 64 * 1024
 SMALL = 16 * 1024

@@ -118,18 +118,7 @@ pub fn restore_chunks(
     threads: Option<usize>,
 ) -> PyResult<()> {
     let refs = chunk_refs(&chunks)?;
-    let placements: Vec<Placement> = placements
-        .into_iter()
-        .map(
-            |(chunk, chunk_offset, len, target, target_offset)| Placement {
-                chunk,
-                chunk_offset,
-                len,
-                target,
-                target_offset,
-            },
-        )
-        .collect();
+    let placements: Vec<Placement> = placements.into_iter().map(Placement::from).collect();
     let (held, raw) = export(&targets, true, "target")?;
     let result = py.detach(|| {
         let mut outs: Vec<&mut [u8]> = raw

@@ -287,18 +287,7 @@ fn fuzz_restore_never_writes_outside_its_targets() {
         })
         .collect();
     fuzz("restore placements", case, |(placements, lens)| {
-        let placements: Vec<Placement> = placements
-            .into_iter()
-            .map(
-                |(chunk, chunk_offset, len, target, target_offset)| Placement {
-                    chunk,
-                    chunk_offset,
-                    len,
-                    target,
-                    target_offset,
-                },
-            )
-            .collect();
+        let placements: Vec<Placement> = placements.into_iter().map(Placement::from).collect();
         let mut buffers: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0xAA; n + 64]).collect();
         let result = {
             let mut targets: Vec<&mut [u8]> = buffers

@@ -269,6 +269,21 @@ pub struct Placement {
     pub target_offset: u64,
 }
 
+impl From<(usize, u64, u64, usize, u64)> for Placement {
+    /// `(chunk, chunk_offset, len, target, target_offset)`, the binding's tuple form.
+    fn from(
+        (chunk, chunk_offset, len, target, target_offset): (usize, u64, u64, usize, u64),
+    ) -> Self {
+        Placement {
+            chunk,
+            chunk_offset,
+            len,
+            target,
+            target_offset,
+        }
+    }
+}
+
 struct SendPtr(*mut u8);
 // SAFETY: the pointers address disjoint regions of the caller's targets
 // (checked by `check_tiling` before any write), and the targets outlive the
