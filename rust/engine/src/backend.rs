@@ -35,7 +35,58 @@ pub trait Backend: Send + Sync {
     fn free_space(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// The whole object mapped read-only into memory, when the backend can
+    /// (readers then decode straight from the page cache instead of copying
+    /// the object into a buffer first); `None` to use [`Backend::read_at`].
+    fn map(&self, _id: &ObjectId) -> Result<Option<Mapped>> {
+        Ok(None)
+    }
 }
+
+/// A read-only private mapping of a whole object file; unmapped on drop.
+///
+/// Objects are immutable (written under a temp name, renamed into place,
+/// never modified; `gc` unlinks them, which leaves a mapping intact), so the
+/// mapped bytes cannot change under a reader unless someone truncates a
+/// chunk file behind the store's back: that would fault the process
+/// (SIGBUS) instead of raising an error, which is why only whole files of the
+/// size just checked are mapped and `CKPT_NO_MMAP=1` turns mapping off.
+pub struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value; sharing `&[u8]`
+// views of it across threads is as safe as sharing any immutable slice.
+unsafe impl Send for Mapped {}
+unsafe impl Sync for Mapped {}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live mapping of `len` readable bytes until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; unmapped once.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// Whether [`LocalFs`] maps objects for reading (`CKPT_NO_MMAP=1` turns it off).
+fn mapping_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED
+        .get_or_init(|| std::env::var_os("CKPT_NO_MMAP").is_none_or(|v| v.is_empty() || v == "0"))
+}
+
+/// Objects smaller than this are read with `pread` (a mapping costs more).
+const MAP_MIN: u64 = 256 << 10;
 
 /// Objects as files `objects/ab/cdef…` under a store root; temp files in `tmp/`.
 pub struct LocalFs {
@@ -344,6 +395,41 @@ impl Backend for LocalFs {
             }
         }
         Ok((done, size))
+    }
+
+    fn map(&self, id: &ObjectId) -> Result<Option<Mapped>> {
+        if !mapping_enabled() {
+            return Ok(None);
+        }
+        let f = self.open_object(id)?;
+        let (_, path) = self.path_of(id);
+        let meta = f.metadata().map_err(|e| Error::io("stat", &path, e))?;
+        let len = meta.len();
+        if !meta.is_file() || !(MAP_MIN..=usize::MAX as u64).contains(&len) {
+            return Ok(None);
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh private read-only mapping of the whole regular file
+        // (its size just read); the fd may close afterwards (the mapping
+        // keeps its own reference). MAP_POPULATE maps every page now, in one
+        // call, instead of faulting them in one by one while decoding.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Ok(None); // fall back to reads (e.g. a filesystem without mmap)
+        }
+        Ok(Some(Mapped {
+            ptr,
+            len: len as usize,
+        }))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<u64> {

@@ -454,18 +454,26 @@ pub fn decode_into(data: &[u8], object: &str, out: &mut [u8]) -> Result<()> {
         object,
         out,
         &mut Vec::new(),
+        None,
     )
 }
 
+/// Items merged (and hashed) per step of a byte-grouped decode: the planes'
+/// slices and the output block stay in the core's cache between the merge
+/// and the hash, so the output is read back from cache, not from memory.
+const MERGE_BLOCK_ITEMS: usize = 32 << 10;
+
 /// Decodes the payload part of a chunk whose header was parsed already.
 /// `scratch` holds decompressed byte planes (reused across calls); raw planes
-/// are merged straight from `payload`.
+/// are merged straight from `payload`. With a `hasher`, the decoded bytes
+/// are fed to it in order as they are produced (one pass over the output).
 pub fn decode_payload(
     header: &Header,
     payload: &[u8],
     object: &str,
     out: &mut [u8],
     scratch: &mut Vec<u8>,
+    mut hasher: Option<&mut blake3::Hasher>,
 ) -> Result<()> {
     if out.len() as u64 != header.raw_len {
         return Err(Error::Format {
@@ -491,7 +499,22 @@ pub fn decode_payload(
     let plane_len = out.len() / n;
     if header.filter == Filter::None {
         let (codec, _) = header.planes[0];
-        return decode_plane(codec, payload, out, 0, object);
+        match (codec, hasher) {
+            (Codec::Raw, Some(h)) => {
+                // Copy and hash a cache-sized block at a time.
+                for (dst, src) in out.chunks_mut(1 << 18).zip(payload.chunks(1 << 18)) {
+                    dst.copy_from_slice(src);
+                    h.update(dst);
+                }
+            }
+            (_, h) => {
+                decode_plane(codec, payload, out, 0, object)?;
+                if let Some(h) = h {
+                    h.update(out);
+                }
+            }
+        }
+        return Ok(());
     }
     if scratch.len() < out.len() {
         if scratch
@@ -524,7 +547,17 @@ pub fn decode_payload(
             Codec::Zstd => &scratch[j * plane_len..(j + 1) * plane_len],
         })
         .collect();
-    bytegroup::merge_from(&planes, out);
+    let mut start = 0usize;
+    while start < plane_len {
+        let end = (start + MERGE_BLOCK_ITEMS).min(plane_len);
+        let block: Vec<&[u8]> = planes.iter().map(|p| &p[start..end]).collect();
+        let dst = &mut out[start * n..end * n];
+        bytegroup::merge_from(&block, dst);
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(dst);
+        }
+        start = end;
+    }
     Ok(())
 }
 

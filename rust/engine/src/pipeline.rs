@@ -2,7 +2,7 @@
 //! (read, decode, verify into caller memory) and verify. Each runs its chunks
 //! in parallel on rayon; results do not depend on the number of threads.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Mapped};
 use crate::chunk::{self, Codec, EncodeOptions, Encoder, Filter, Header};
 use crate::error::{Error, Result};
 use crate::object_id::ObjectId;
@@ -333,9 +333,9 @@ pub fn restore(
                 load_chunk(backend, &c, out)
             } else {
                 // The header first: the scratch is sized by a checked raw length.
-                let (header, size) = read_header(backend, &c)?;
+                let opened = open_chunk(backend, &c)?;
                 with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
-                    decode_chunk(backend, &c, &header, size, scratch)?;
+                    decode_chunk(backend, &c, &opened, scratch)?;
                     scatter(scratch, ps, &bases);
                     Ok(())
                 })
@@ -412,10 +412,18 @@ fn check_tiling(chunks: &[ChunkRef], target_lens: &[u64], placements: &[Placemen
 
 const HEAD_MAX: usize = 24 + 16 * chunk::MAX_PLANES;
 
-/// Reads and checks chunk `c`'s header: the object exists, its header parses
-/// (magic, format version, filter, codecs), records the raw length the
-/// manifest expects, and the file has exactly the size the header says.
-fn read_header(backend: &dyn Backend, c: &ChunkRef) -> Result<(Header, u64)> {
+/// A chunk whose header was read and checked (see [`open_chunk`]).
+struct Opened {
+    header: Header,
+    size: u64,
+    /// The whole file, when the backend maps objects.
+    mapped: Option<Mapped>,
+}
+
+/// Checks chunk `c`'s header: it parses (magic, format version, filter,
+/// codecs), records the raw length the manifest expects, and the file has
+/// exactly the size the header says.
+fn check_header(head: &[u8], size: u64, c: &ChunkRef) -> Result<Header> {
     let object = c.id.hex();
     if c.raw_len > chunk::MAX_RAW_LEN {
         return Err(Error::Format {
@@ -423,9 +431,7 @@ fn read_header(backend: &dyn Backend, c: &ChunkRef) -> Result<(Header, u64)> {
             detail: format!("recorded raw length {} exceeds the limit", c.raw_len),
         });
     }
-    let mut head = [0u8; HEAD_MAX];
-    let (n, size) = backend.read_at(&c.id, 0, &mut head)?;
-    let header = Header::parse(&head[..n], &object)?;
+    let header = Header::parse(head, &object)?;
     if header.raw_len != c.raw_len {
         return Err(Error::Format {
             object,
@@ -444,10 +450,43 @@ fn read_header(backend: &dyn Backend, c: &ChunkRef) -> Result<(Header, u64)> {
             ),
         });
     }
-    Ok((header, size))
+    Ok(header)
 }
 
-/// Checks the headers of `chunks` (see `read_header`) without decoding them:
+/// Reads and checks chunk `c`'s header (see [`check_header`]) with one
+/// `pread`, without mapping the file.
+fn read_header(backend: &dyn Backend, c: &ChunkRef) -> Result<Header> {
+    let mut head = [0u8; HEAD_MAX];
+    let (n, size) = backend.read_at(&c.id, 0, &mut head)?;
+    check_header(&head[..n], size, c)
+}
+
+/// Opens chunk `c` for decoding: maps it when the backend can (its header is
+/// then checked from the mapping), else reads and checks its header.
+fn open_chunk(backend: &dyn Backend, c: &ChunkRef) -> Result<Opened> {
+    if c.raw_len >= MAP_RAW_MIN {
+        if let Some(m) = backend.map(&c.id)? {
+            let header = check_header(&m[..m.len().min(HEAD_MAX)], m.len() as u64, c)?;
+            return Ok(Opened {
+                header,
+                size: m.len() as u64,
+                mapped: Some(m),
+            });
+        }
+    }
+    let header = read_header(backend, c)?;
+    let size = header.file_len();
+    Ok(Opened {
+        header,
+        size,
+        mapped: None,
+    })
+}
+
+/// Chunks of fewer raw bytes are read, not mapped (a mapping costs more).
+const MAP_RAW_MIN: u64 = 1 << 20;
+
+/// Checks the headers of `chunks` (see `check_header`) without decoding them:
 /// what a load does before it allocates its arrays, so that a manifest that
 /// names missing, foreign or mismatched chunks fails before a large
 /// allocation and before a byte of the caller's arrays is overwritten.
@@ -459,18 +498,20 @@ pub fn probe(backend: &dyn Backend, chunks: &[ChunkRef], threads: Option<usize>)
     })?
 }
 
+/// Bytes of an unfiltered raw chunk read (then hashed) per call.
+const RAW_READ_BLOCK: usize = 1 << 20;
+
 /// Reads chunk `c` into `out` (exactly its raw length) and verifies its hash.
 pub fn load_chunk(backend: &dyn Backend, c: &ChunkRef, out: &mut [u8]) -> Result<()> {
-    let (header, size) = read_header(backend, c)?;
-    decode_chunk(backend, c, &header, size, out)
+    let opened = open_chunk(backend, c)?;
+    decode_chunk(backend, c, &opened, out)
 }
 
-/// Decodes chunk `c`, whose header `read_header` checked, into `out` and verifies its hash.
+/// Decodes chunk `c`, opened by `open_chunk`, into `out` and verifies its hash.
 fn decode_chunk(
     backend: &dyn Backend,
     c: &ChunkRef,
-    header: &Header,
-    size: u64,
+    opened: &Opened,
     out: &mut [u8],
 ) -> Result<()> {
     let object = c.id.hex();
@@ -481,26 +522,45 @@ fn decode_chunk(
             c.raw_len
         )));
     }
+    let header = &opened.header;
     let start = header.header_len() as u64;
-    if header.filter == Filter::None && header.planes[0].0 == Codec::Raw {
-        let (got, _) = backend.read_at(&c.id, start, out)?;
-        if got != out.len() {
-            return Err(Error::Integrity {
-                object,
-                detail: format!("file ends after {got} of {} payload bytes", out.len()),
-            });
+    let mut hasher = blake3::Hasher::new();
+    let decode_from = |payload: &[u8], hasher: &mut blake3::Hasher, out: &mut [u8]| {
+        let mut planes = PLANES.with(|cell| cell.take());
+        let decoded =
+            chunk::decode_payload(header, payload, &object, out, &mut planes, Some(hasher));
+        PLANES.with(|cell| cell.set(planes));
+        decoded
+    };
+    if let Some(m) = &opened.mapped {
+        decode_from(&m[start as usize..], &mut hasher, out)?;
+    } else if header.filter == Filter::None && header.planes[0].0 == Codec::Raw {
+        // Read and hash a cache-sized piece at a time: one pass over `out`.
+        let mut done = 0usize;
+        while done < out.len() {
+            let end = (done + RAW_READ_BLOCK).min(out.len());
+            let (got, _) = backend.read_at(&c.id, start + done as u64, &mut out[done..end])?;
+            if got != end - done {
+                return Err(Error::Integrity {
+                    object,
+                    detail: format!(
+                        "file ends after {} of {} payload bytes",
+                        done + got,
+                        out.len()
+                    ),
+                });
+            }
+            hasher.update(&out[done..end]);
+            done = end;
         }
     } else {
-        let len = (size - start) as usize;
+        let len = (opened.size - start) as usize;
         with_buffer(&PAYLOAD, len, |payload| {
             let (got, _) = backend.read_at(&c.id, start, payload)?;
-            let mut planes = PLANES.with(|cell| cell.take());
-            let decoded = chunk::decode_payload(header, &payload[..got], &object, out, &mut planes);
-            PLANES.with(|cell| cell.set(planes));
-            decoded
+            decode_from(&payload[..got], &mut hasher, out)
         })?;
     }
-    let actual = ObjectId::of(out);
+    let actual = ObjectId(*hasher.finalize().as_bytes());
     if actual != c.id {
         return Err(Error::Integrity {
             object,
@@ -521,9 +581,9 @@ pub fn verify(
             .par_iter()
             .map(|c| {
                 // The header first: the scratch is sized by a checked raw length.
-                let (header, size) = read_header(backend, c)?;
+                let opened = open_chunk(backend, c)?;
                 with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
-                    decode_chunk(backend, c, &header, size, scratch)
+                    decode_chunk(backend, c, &opened, scratch)
                 })
             })
             .map(Result::err)
