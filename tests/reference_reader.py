@@ -1,10 +1,16 @@
-"""An independent reader of ckpt stores, format version 1.
+"""An independent reader of ckpt stores: store format 1, manifest formats 1 and
+2, chunk formats 1 (full chunks) and 2 (delta chunks).
 
 Written from ``docs/format.md`` alone (section numbers below refer to it) and
 using only numpy, ``zstandard`` and ``blake3`` (plus ``ml_dtypes`` for the
 bfloat16 / float8 dtypes when it is importable). It deliberately does not
 import ``ckpt``: it exists to show that the document is sufficient and to catch
 the implementation drifting away from it.
+
+A delta chunk is decoded by following its chain of bases through the
+manifest's chunk table (never into objects the table does not list), at most
+64 links, then applying each link's patch to the raw bytes of its base from
+the full chunk up, each result verified against its own id.
 
 Entry point: :func:`read_version` ``(root, version_id) -> (tree, manifest)``.
 """
@@ -33,12 +39,14 @@ __all__ = [
     "DTYPES",
     "ChunkHeader",
     "ReaderError",
+    "apply_patch",
     "decode_chunk",
     "decode_plane",
     "dtype_of",
     "object_path",
     "parse_chunk_header",
     "read_chunk",
+    "read_object",
     "read_manifest",
     "read_version",
     "validate_manifest",
@@ -47,18 +55,23 @@ __all__ = [
 # ---------------------------------------------------------------- constants (sections 5, 13)
 MAGIC = b"CKPTCHNK"
 CHUNK_VERSION = 1
+DELTA_VERSION = 2
+MANIFEST_VERSIONS = (1, 2)
 FIXED_HEADER = 24
 PLANE_ENTRY = 16
+DELTA_EXTRA = 40  # base id (32), depth (4), patch length (4): section 5.5
 MAX_RAW_LEN = 1 << 30
 MAX_PLANES = 16
-MAX_ZSTD_STORED = 1 << 31
+ZSTD_SLACK = 64  # a zstd plane is at most its plane length + 64 bytes
+MAX_DELTA_DEPTH = 64
+MAX_VARINT = 10  # bytes of one LEB128 number in a patch
 MAX_MARKER = 64 << 10
 MAX_MANIFEST = 256 << 20
 MAX_DEPTH = 64
 MAX_DIMS = 64
 MAX_NUMEL = 1 << 62
 MAX_TENSORS = 10_000_000
-FILTER_NONE, FILTER_BYTEGROUP = 0, 1
+FILTER_NONE, FILTER_BYTEGROUP, FILTER_XOR = 0, 1, 2
 CODEC_RAW, CODEC_ZSTD = 0, 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -170,17 +183,21 @@ def check_marker(root: str | os.PathLike[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- chunk files (section 5)
 @dataclass(frozen=True)
 class ChunkHeader:
-    """A parsed chunk header (section 5.1)."""
+    """A parsed chunk header (sections 5.1 and 5.5)."""
 
     version: int
     filter: int
     n: int
     raw_len: int
     planes: tuple[tuple[int, int], ...]  # (codec, stored length) per plane
+    base: str | None = None  # delta chunks (version 2): the base's object id
+    depth: int = 0  # delta chunks: 1 + the base's depth; full chunks: 0
+    patch_len: int = 0  # delta chunks: bytes the zstd frame decodes to
 
     @property
     def header_len(self) -> int:
-        return FIXED_HEADER + PLANE_ENTRY * self.n
+        extra = DELTA_EXTRA if self.base is not None else 0
+        return FIXED_HEADER + PLANE_ENTRY * self.n + extra
 
     @property
     def plane_len(self) -> int:
@@ -192,19 +209,21 @@ class ChunkHeader:
 
 
 def parse_chunk_header(data: bytes) -> ChunkHeader:
-    """Parses and checks the header at the start of ``data`` (section 5.1)."""
+    """Parses and checks the header at the start of ``data`` (sections 5.1, 5.5)."""
     if len(data) < FIXED_HEADER:
         raise ReaderError(f"chunk of {len(data)} bytes is shorter than the fixed header")
     if data[:8] != MAGIC:
         raise ReaderError("bad chunk magic")
     (version,) = struct.unpack_from("<H", data, 8)
-    if version != CHUNK_VERSION:
+    if version not in (CHUNK_VERSION, DELTA_VERSION):
         raise ReaderError(f"unsupported chunk format version {version}")
     filt, n = data[10], data[11]
     if not (
-        (filt == FILTER_NONE and n == 1) or (filt == FILTER_BYTEGROUP and 2 <= n <= MAX_PLANES)
+        (version == CHUNK_VERSION and filt == FILTER_NONE and n == 1)
+        or (version == CHUNK_VERSION and filt == FILTER_BYTEGROUP and 2 <= n <= MAX_PLANES)
+        or (version == DELTA_VERSION and filt == FILTER_XOR and n == 1)
     ):
-        raise ReaderError(f"bad filter {filt} with {n} planes")
+        raise ReaderError(f"bad filter {filt} with {n} planes in a version {version} chunk")
     if data[12:16] != b"\0\0\0\0":
         raise ReaderError("reserved header bytes are not zero")
     (raw_len,) = struct.unpack_from("<Q", data, 16)
@@ -225,10 +244,28 @@ def parse_chunk_header(data: bytes) -> ChunkHeader:
         (stored,) = struct.unpack_from("<Q", data, base + 8)
         if codec == CODEC_RAW and stored != raw_len // n:
             raise ReaderError(f"plane {i}: raw plane of {stored} bytes, expected {raw_len // n}")
-        if codec == CODEC_ZSTD and stored > MAX_ZSTD_STORED:
-            raise ReaderError(f"plane {i}: stored length {stored} exceeds 2^31")
+        if codec == CODEC_ZSTD and stored > raw_len // n + ZSTD_SLACK:
+            raise ReaderError(
+                f"plane {i}: stored length {stored} exceeds the plane's {raw_len // n} bytes + 64"
+            )
         planes.append((codec, stored))
-    return ChunkHeader(version, filt, n, raw_len, tuple(planes))
+    if version == CHUNK_VERSION:
+        return ChunkHeader(version, filt, n, raw_len, tuple(planes))
+    # a delta chunk (section 5.5): one zstd plane, then base id, depth, patch length
+    if planes[0][0] != CODEC_ZSTD:
+        raise ReaderError("a delta chunk's plane must be zstd")
+    at = FIXED_HEADER + PLANE_ENTRY
+    if len(data) < at + DELTA_EXTRA:
+        raise ReaderError("chunk is shorter than its delta header")
+    depth, patch_len = struct.unpack_from("<II", data, at + 32)
+    if not 1 <= depth <= MAX_DELTA_DEPTH:
+        raise ReaderError(f"delta depth {depth} is outside 1..={MAX_DELTA_DEPTH}")
+    if patch_len > raw_len + raw_len // 4 + 32:
+        raise ReaderError(f"patch length {patch_len} exceeds the limit for {raw_len} raw bytes")
+    if planes[0][1] > patch_len + ZSTD_SLACK:
+        raise ReaderError(f"stored length {planes[0][1]} exceeds the patch's {patch_len} + 64")
+    base = data[at : at + 32].hex()
+    return ChunkHeader(version, filt, n, raw_len, tuple(planes), base, depth, patch_len)
 
 
 _DCTX = zstandard.ZstdDecompressor()
@@ -268,19 +305,70 @@ def ungroup(filtered: bytes, n: int) -> bytes:
     return arr.T.tobytes()
 
 
-def decode_chunk(data: bytes, object_id: str | None = None, raw_len: int | None = None) -> bytes:
-    """The raw bytes of a chunk file (section 5.3), verified against ``object_id`` if given."""
+def _varint(patch: bytes, pos: int) -> tuple[int, int]:
+    """One LEB128 number of a patch at ``pos`` and the position after it (section 5.5)."""
+    value = 0
+    for k in range(MAX_VARINT):
+        if pos >= len(patch):
+            raise ReaderError("patch ends inside a run header")
+        b = patch[pos]
+        pos += 1
+        value |= (b & 0x7F) << (7 * k)
+        if b < 0x80:
+            return value, pos
+    raise ReaderError(f"patch number longer than {MAX_VARINT} bytes")
+
+
+def apply_patch(base_raw: bytes, patch: bytes) -> bytes:
+    """The base's raw bytes with the runs of ``patch`` XORed in (section 5.5)."""
+    out = np.frombuffer(base_raw, dtype=np.uint8).copy()
+    pos = at = 0
+    while pos < len(patch):
+        skip, pos = _varint(patch, pos)
+        length, pos = _varint(patch, pos)
+        start = at + skip
+        end = start + length
+        if length == 0 or end > len(out) or pos + length > len(patch):
+            raise ReaderError(
+                f"patch run of {length} bytes at {start} lies outside the chunk or the patch"
+            )
+        out[start:end] ^= np.frombuffer(patch, dtype=np.uint8, count=length, offset=pos)
+        pos += length
+        at = end
+    return out.tobytes()
+
+
+def decode_chunk(
+    data: bytes,
+    object_id: str | None = None,
+    raw_len: int | None = None,
+    base_raw: bytes | None = None,
+) -> bytes:
+    """The raw bytes of a chunk file (section 5.3), verified against ``object_id`` if given.
+
+    A delta chunk (section 5.5) needs ``base_raw``, the raw bytes of its base
+    (already decoded and verified); a full chunk must not be given one.
+    """
     h = parse_chunk_header(data)
     if raw_len is not None and h.raw_len != raw_len:
         raise ReaderError(f"chunk holds {h.raw_len} raw bytes, the manifest records {raw_len}")
     if len(data) != h.file_len:
         raise ReaderError(f"chunk file is {len(data)} bytes, its header says {h.file_len}")
     pos = h.header_len
-    planes = []
-    for codec, stored in h.planes:
-        planes.append(decode_plane(data[pos : pos + stored], codec, h.plane_len))
-        pos += stored
-    raw = ungroup(b"".join(planes), h.n)
+    if h.base is None:
+        if base_raw is not None:
+            raise ReaderError("a full chunk was given a base")
+        planes = []
+        for codec, stored in h.planes:
+            planes.append(decode_plane(data[pos : pos + stored], codec, h.plane_len))
+            pos += stored
+        raw = ungroup(b"".join(planes), h.n)
+    else:
+        if base_raw is None:
+            raise ReaderError(f"delta chunk on {h.base} needs its base's raw bytes")
+        if len(base_raw) != h.raw_len:
+            raise ReaderError(f"delta chunk of {h.raw_len} bytes on a base of {len(base_raw)}")
+        raw = apply_patch(base_raw, decode_plane(data[pos:], CODEC_ZSTD, h.patch_len))
     if object_id is not None and blake3.blake3(raw).hexdigest() != object_id:
         raise ReaderError(f"object {object_id} is damaged: content hash mismatch")
     return raw
@@ -293,13 +381,76 @@ def object_path(root: str | os.PathLike[str], object_id: str) -> str:
     return os.path.join(root, "objects", object_id[:2], object_id[2:])
 
 
-def read_chunk(root: str | os.PathLike[str], object_id: str, raw_len: int) -> bytes:
-    """Reads, decodes and verifies one chunk (section 5.3)."""
+def read_object(
+    root: str | os.PathLike[str], object_id: str, raw_len: int
+) -> tuple[ChunkHeader, bytes]:
+    """Reads one chunk file and checks its header (section 5.3 steps 1 and 2)."""
     if raw_len > MAX_RAW_LEN:
         raise ReaderError(f"recorded raw length {raw_len} exceeds 2^30")
-    limit = FIXED_HEADER + PLANE_ENTRY * MAX_PLANES + MAX_PLANES * MAX_ZSTD_STORED
+    # the largest valid file of raw_len bytes: 16 planes, each zstd at its limit
+    limit = FIXED_HEADER + (PLANE_ENTRY + ZSTD_SLACK) * MAX_PLANES + raw_len
     data = _read_regular(object_path(root, object_id), limit, f"object {object_id}")
-    return decode_chunk(data, object_id, raw_len)
+    h = parse_chunk_header(data)
+    if h.raw_len != raw_len:
+        raise ReaderError(f"chunk holds {h.raw_len} raw bytes, the manifest records {raw_len}")
+    if len(data) != h.file_len:
+        raise ReaderError(f"chunk file is {len(data)} bytes, its header says {h.file_len}")
+    return h, data
+
+
+def read_chunk(
+    root: str | os.PathLike[str],
+    chunks: list[list[Any]],
+    index: int,
+    cache: dict[int, tuple[bytes, int]] | None = None,
+) -> bytes:
+    """Reads, decodes and verifies entry ``index`` of a manifest's chunk table (5.3).
+
+    A delta chunk's base must be the table entry its fourth element names
+    (7.3); the chain is followed through the table down to a full chunk,
+    each base's depth exactly one less (at most 64 links, 5.5), then decoded
+    from the full chunk up, every link verified against its own id.
+    ``cache`` maps table indices already decoded to ``(raw bytes, depth)``.
+    """
+    if cache is None:
+        cache = {}
+    chain: list[tuple[int, ChunkHeader, bytes]] = []  # from the wanted chunk down
+    i = index
+    while i not in cache:
+        cid, raw_len = chunks[i][0], chunks[i][1]
+        h, data = read_object(root, cid, raw_len)
+        if chain and h.depth != chain[-1][1].depth - 1:
+            below = chain[-1][1]
+            raise ReaderError(
+                f"delta chunk {chunks[chain[-1][0]][0]} of depth {below.depth} "
+                f"has base {cid} of depth {h.depth}"
+            )
+        chain.append((i, h, data))
+        listed = chunks[i][3] if len(chunks[i]) == 4 else None
+        if h.base is None:
+            if listed is not None:
+                raise ReaderError(f"chunk {cid} is a full chunk, the manifest gives it a base")
+            break
+        if listed is None or chunks[listed][0] != h.base:
+            raise ReaderError(
+                f"delta chunk {cid}: its base {h.base} is not the base the manifest lists"
+            )
+        if len(chain) > MAX_DELTA_DEPTH:  # pragma: no cover - the depth checks end it first
+            raise ReaderError(f"delta chain of {cid} is longer than {MAX_DELTA_DEPTH}")
+        i = listed
+    raw: bytes | None = None
+    if i in cache:
+        raw, depth = cache[i]
+        if chain and depth != chain[-1][1].depth - 1:
+            raise ReaderError(
+                f"delta chunk {chunks[chain[-1][0]][0]} of depth {chain[-1][1].depth} "
+                f"has base {chunks[i][0]} of depth {depth}"
+            )
+    for j, h, data in reversed(chain):
+        raw = decode_chunk(data, chunks[j][0], chunks[j][1], raw)
+        cache[j] = (raw, h.depth)
+    assert raw is not None
+    return raw
 
 
 # ---------------------------------------------------------------- manifest (section 7)
@@ -366,8 +517,9 @@ def validate_manifest(m: object, version_id: int) -> dict[str, Any]:
     """Checks every rule of section 7 and returns the manifest."""
     if not isinstance(m, dict) or m.get("format") != "ckpt-manifest":
         raise ReaderError("not a ckpt manifest")
-    if m.get("version") != 1:
-        raise ReaderError(f"unsupported manifest version {m.get('version')!r}")
+    version = m.get("version")
+    if not _is_int(version) or version not in MANIFEST_VERSIONS:
+        raise ReaderError(f"unsupported manifest version {version!r}")
     if _nonneg(m.get("id"), "id") != version_id:
         raise ReaderError(f"manifest records id {m['id']}, its file name says {version_id}")
     if not isinstance(m.get("created"), str) or not _TIME.fullmatch(m["created"]):
@@ -392,14 +544,20 @@ def validate_manifest(m: object, version_id: int) -> dict[str, Any]:
     chunks = m.get("chunks")
     if not isinstance(chunks, list):
         raise ReaderError("chunks must be a list")
+    entry_lens = (3,) if version == 1 else (3, 4)  # 7.3: a 4th element in format 2 only
     for c in chunks:
-        if not isinstance(c, list) or len(c) != 3 or not isinstance(c[0], str):
+        if not isinstance(c, list) or len(c) not in entry_lens or not isinstance(c[0], str):
             raise ReaderError(f"bad chunk entry {c!r}")
         if not _HEX64.fullmatch(c[0]):
             raise ReaderError(f"bad chunk id {c[0]!r}")
         if _nonneg(c[1], "chunk raw length") > MAX_RAW_LEN:
             raise ReaderError(f"chunk raw length {c[1]} exceeds 2^30")
         _nonneg(c[2], "chunk stored length")
+    for i, c in enumerate(chunks):
+        if len(c) == 4:
+            b = _nonneg(c[3], "chunk base index")
+            if b >= len(chunks) or b == i or chunks[b][1] != c[1]:
+                raise ReaderError(f"chunk {c[0]}: base index {b} is not another entry of its size")
 
     tensors = m.get("tensors")
     if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
@@ -501,25 +659,23 @@ def _build(node: dict[str, Any], tensors: list[Any]) -> Any:
 def read_version(root: str | os.PathLike[str], version_id: int) -> tuple[Any, dict[str, Any]]:
     """Reads version ``version_id`` of the store at ``root`` (section 8).
 
-    Returns ``(tree, manifest)``. Every chunk is decoded once and verified
-    against its BLAKE3 name; tensors are numpy arrays in native byte order,
-    ``"scalar": true`` tensors numpy scalars.
+    Returns ``(tree, manifest)``. Every chunk, and every base of a delta
+    chunk, is decoded once and verified against its BLAKE3 name; tensors are
+    numpy arrays in native byte order, ``"scalar": true`` tensors numpy
+    scalars.
 
     Raises:
         ReaderError: anything that violates docs/format.md.
     """
     check_marker(root)
     m = read_manifest(root, version_id)
-    raw_cache: dict[int, bytes] = {}
+    raw_cache: dict[int, tuple[bytes, int]] = {}  # table index -> (raw bytes, depth)
     tensors: list[Any] = []
     for t in m["tensors"]:
         dt = dtype_of(t["dtype"])
         buf = bytearray()
         for ci, off, ln in t["spans"]:
-            if ci not in raw_cache:
-                cid, raw_len, _ = m["chunks"][ci]
-                raw_cache[ci] = read_chunk(root, cid, raw_len)
-            buf += raw_cache[ci][off : off + ln]
+            buf += read_chunk(root, m["chunks"], ci, raw_cache)[off : off + ln]
         assert len(buf) == t["nbytes"]
         arr = np.frombuffer(bytes(buf), dtype=dt).reshape(tuple(t["shape"])).copy()
         if arr.dtype.byteorder == "<" and arr.dtype.isnative is False:  # pragma: no cover

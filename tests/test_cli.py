@@ -465,7 +465,7 @@ def test_newer_store_format(run_store: ckpt.Store) -> None:
 def test_newer_manifest_format(run_store: ckpt.Store) -> None:
     path = Path(run_store.root, "versions", "000000000003.json")
     m = json.loads(path.read_text())
-    path.write_text(json.dumps({**m, "version": 2}))
+    path.write_text(json.dumps({**m, "version": ckpt.index.MANIFEST_VERSION + 1}))
     r = ckpt_run("show", run_store.root, "3")
     assert r.returncode == 1
     assert_one_line_error(r.stderr, "version 3", "newer", "upgrade ckpt-store")

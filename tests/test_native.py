@@ -34,7 +34,7 @@ def test_version_matches_the_package() -> None:
 def test_buffers_are_released_after_every_call(tmp_path: Path) -> None:
     root = make_root(tmp_path)
     src = bytearray(b"x" * 100_000)
-    chunks, spans = save(root, [src])
+    chunks, spans, _ = save(root, [src])
     src.extend(b"more")  # would raise BufferError if the export were still held
     dst = bytearray(100_000)
     placements = [
@@ -49,7 +49,7 @@ def test_read_only_wrong_size_and_aliased_targets_are_refused_before_writing(
     tmp_path: Path,
 ) -> None:
     root = make_root(tmp_path)
-    chunks, spans = save(root, [b"abcdefgh" * 1000])
+    chunks, spans, _ = save(root, [b"abcdefgh" * 1000])
     refs = [(c[0], c[1]) for c in chunks]
     ((ci, off, ln),) = spans[0]
     with pytest.raises(ValueError, match="read-only"):

@@ -403,7 +403,7 @@ def test_reader_rejects_malformed_manifests(tmp_path: Path) -> None:
         with pytest.raises(ref.ReaderError):
             ref.read_version(store.root, v.id)
 
-    attempt(lambda m: m.update(version=2))
+    attempt(lambda m: m.update(version=3))
     attempt(lambda m: m.update(id=v.id + 1))
     attempt(lambda m: m["tensors"][0].update(dtype="F128"))
     attempt(lambda m: m["tensors"][0].update(nbytes=31))
@@ -419,3 +419,23 @@ def test_reader_rejects_malformed_manifests(tmp_path: Path) -> None:
     path.write_text(json.dumps(good))
     tree, _ = ref.read_version(store.root, v.id)
     assert_same(tree, {"a": np.arange(4), "b": [1.5]})
+
+
+# ------------------------------------------------------------------ deltas
+def test_reader_follows_delta_chains_bit_exactly(tmp_path: Path) -> None:
+    store = ckpt.Store(tmp_path / "s", chunk_size=256 << 10, small_threshold=64 << 10)
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((32768, 16)).astype(np.float32)  # 2 MiB: 8 chunks
+    saved = {}
+    for v in range(14):  # chains of 10 deltas, then a full chunk again
+        if v:
+            rows = rng.choice(len(emb), 300, replace=False)
+            emb[rows] = rng.standard_normal((300, 16)).astype(np.float32)
+        saved[store.save({"emb": emb, "step": v}).id] = emb.copy()
+    formats = set()
+    for vid, want in saved.items():
+        tree, m = ref.read_version(store.root, vid)
+        formats.add(m["version"])
+        assert tree["emb"].tobytes() == want.tobytes()
+        assert_same(tree, to_native(store.load(vid)))
+    assert formats == {1, 2}

@@ -28,7 +28,13 @@ def save_chunks(
     min_saving: float,
     durable: bool,
     threads: int | None = None,
-) -> tuple[list[tuple[str, int, int, bool]], list[list[tuple[int, int, int]]]]: ...
+    bases: Sequence[Sequence[tuple[int, int, str]]] | None = None,
+    delta_depth: int = 0,
+) -> tuple[
+    list[tuple[str, int, int, bool, str | None]],
+    list[list[tuple[int, int, int]]],
+    list[tuple[str, int, int, str | None]],
+]: ...
 def restore_chunks(
     root: str | PathLike[str],
     chunks: Sequence[tuple[str, int]],
@@ -48,6 +54,7 @@ def probe_chunks(
     chunks: Sequence[tuple[str, int]],
     *,
     threads: int | None = None,
+    listed: Sequence[tuple[str, str | None]] | None = None,
 ) -> None: ...
 def list_objects(root: str | PathLike[str]) -> list[tuple[str, int]]: ...
 def delete_objects(

@@ -4,7 +4,9 @@ A version exists exactly when its manifest ``versions/<12-digit id>.json`` is
 in the store (docs/format.md, "Manifest" and "Commit protocol"). Manifests are
 immutable. The listing cache ``cache/versions.jsonl`` holds one summary line
 per version; it is derived, checked against the directory listing on every
-read, and rebuilt from manifests when missing or stale.
+read, and rebuilt from manifests when missing or stale. A writer finds the
+next version id without listing ``versions/`` while nothing has changed since
+its last look (:meth:`ListingCache.next_id`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import FormatError
+from .errors import FormatError, StoreLockedError
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -39,7 +41,11 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "ckpt-manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: Manifests without delta chunks are written as format 1 (readable by older
+#: releases); format 2 adds a fourth field to delta chunk entries: the index
+#: of the chunk's base in the same table.
+MANIFEST_VERSION_PLAIN = 1
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 256 << 20
 #: Most tensors one version may hold.
@@ -289,17 +295,18 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     _check_seal(data, m, where)
     if m.get("format") != MANIFEST_FORMAT:
         raise FormatError(f"{where}: not a ckpt manifest")
-    if v != MANIFEST_VERSION:
+    if v not in (MANIFEST_VERSION_PLAIN, MANIFEST_VERSION):
         raise FormatError(f"{where}: unknown manifest format version {v!r}")
     try:
         Version.from_summary(m)
         chunks = m["chunks"]
         if not isinstance(chunks, list):
             raise ValueError("chunks must be a list")
+        entry_lens = (3,) if v == MANIFEST_VERSION_PLAIN else (3, 4)
         for c in chunks:
             if (
                 not isinstance(c, list)
-                or len(c) != 3
+                or len(c) not in entry_lens
                 or not isinstance(c[0], str)
                 or not _HEX.match(c[0])
             ):
@@ -307,6 +314,11 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
             if _int(c[1], "chunk raw length") > MAX_CHUNK_BYTES:
                 raise ValueError(f"chunk {c[0]} of {c[1]} bytes exceeds the limit")
             _int(c[2], "chunk stored length")
+        for i, c in enumerate(chunks):
+            if len(c) == 4:
+                base = _int(c[3], "chunk base index")
+                if base >= len(chunks) or base == i or chunks[base][1] != c[1]:
+                    raise ValueError(f"chunk {c[0]}: base index {base} is not a chunk of its size")
         tensors = m["tensors"]
         if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
             raise ValueError("tensors must be a list of at most 10M entries")
@@ -386,11 +398,109 @@ class ListingCache:
 
     Not thread-safe by itself; the store serialises writers. Readers never
     write it: they merge what is missing from the manifests in memory.
+
+    It also remembers, for the writer that owns it, the newest id in
+    ``versions/`` together with a stamp of what another writer's commit
+    changes (see :meth:`next_id`), so that a save does not list
+    ``versions/`` (milliseconds at 10,000 versions) when nothing changed.
     """
 
     def __init__(self, root: str) -> None:
         self.path = os.path.join(root, "cache", "versions.jsonl")
         self.versions_dir = os.path.join(root, "versions")
+        #: (newest id in versions/, stamp when it was true); see next_id.
+        self._known: tuple[int | None, tuple[int, ...]] | None = None
+
+    def _stamp(self) -> tuple[int, ...] | None:
+        """What any other writer's commit changes, or None (cannot tell: list instead).
+
+        ``versions/``'s inode, mtime and ctime change with every rename or unlink
+        in it, and every ckpt writer appends a line to the cache after its commit
+        (or removes the cache when it cannot), which changes the cache's size,
+        mtime and ctime; a rewrite replaces its inode. Timestamps alone could
+        miss a change made within one clock tick of the stamp; the cache's size
+        cannot.
+        """
+        try:
+            d = os.lstat(self.versions_dir)
+            c = os.lstat(self.path)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(d.st_mode) or not stat.S_ISREG(c.st_mode):
+            return None
+        return (
+            d.st_dev, d.st_ino, d.st_mtime_ns, d.st_ctime_ns,
+            c.st_ino, c.st_size, c.st_mtime_ns, c.st_ctime_ns,
+        )  # fmt: skip
+
+    def _exists(self, version_id: int) -> bool:
+        return os.path.lexists(os.path.join(self.versions_dir, manifest_name(version_id)))
+
+    def newest_id(self) -> int | None:
+        """The largest id in ``versions/`` now (None: no version); only under the writer lock.
+
+        From memory when the stamp is what this object recorded and that
+        version's manifest is still there (another writer may have deleted
+        it), else from a listing of ``versions/``, which is then remembered.
+        """
+        known = self._known
+        if (
+            known is not None
+            and known[1] == self._stamp()
+            and (known[0] is None or self._exists(known[0]))
+        ):
+            return known[0]
+        newest = max(self.committed_ids(), default=None)
+        self.remember(newest)
+        return newest
+
+    def next_id(self, deleted_high_water: int) -> tuple[int, int | None]:
+        """The id of the next version and its parent; only under the writer lock.
+
+        The id is 1 + max(largest id in ``versions/``, ``last-id``)
+        (docs/format.md, section 10), so ids are never given out twice. An
+        id whose manifest exists already is never returned: the remembered
+        newest id is then dropped and ``versions/`` listed. The lock keeps
+        other (ckpt) writers out until the caller's commit.
+
+        Args:
+            deleted_high_water: the value of ``last-id`` (0 when absent).
+
+        Returns:
+            (new id, newest id now or None), the latter the new version's parent.
+
+        Raises:
+            StoreLockedError: the id of a fresh listing is taken: something
+                writes ``versions/`` without holding the store's lock.
+        """
+        newest = self.newest_id()
+        new_id = max(newest or 0, deleted_high_water) + 1
+        if self._exists(new_id):
+            self.forget()
+            newest = self.newest_id()
+            new_id = max(newest or 0, deleted_high_water) + 1
+            if self._exists(new_id):
+                self.forget()
+                raise StoreLockedError(
+                    f"{os.path.join(self.versions_dir, manifest_name(new_id))} appeared while"
+                    " this writer held the store lock: another program writes versions/"
+                    " without ckpt's lock; nothing was saved"
+                )
+        return new_id, newest
+
+    def remember(self, newest: int | None) -> None:
+        """Records that ``newest`` is the largest id in ``versions/`` now.
+
+        Only under the writer lock, when this writer knows it for certain (it
+        just listed ``versions/``, or changed it after such a look in the same
+        hold of the lock).
+        """
+        stamp = self._stamp()
+        self._known = None if stamp is None else (newest, stamp)
+
+    def forget(self) -> None:
+        """Drops the remembered newest id: the next :meth:`newest_id` lists ``versions/``."""
+        self._known = None
 
     def committed_ids(self) -> set[int]:
         """Ids of the manifests present now (the truth the cache is checked against)."""
@@ -427,14 +537,22 @@ class ListingCache:
         return out
 
     def append(self, version: Version) -> None:
-        """Adds one committed version (best effort; the cache is derived)."""
+        """Adds one committed version (best effort; the cache is derived).
+
+        When the line cannot be written, the cache is removed (readers rebuild
+        it): other writers watch its size to notice this commit (:meth:`_stamp`).
+        """
         line = json.dumps(version.summary(), separators=(",", ":"), allow_nan=False) + "\n"
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:  # O_NONBLOCK: a FIFO planted there fails (ENXIO) instead of blocking the save
+            fd = os.open(self.path, flags | os.O_NONBLOCK, 0o644)
             try:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def rewrite(self, versions: Iterable[Version]) -> None:
         """Replaces the cache atomically with exactly ``versions``."""

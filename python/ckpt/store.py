@@ -55,6 +55,8 @@ from .errors import (
     VersionNotFoundError,
 )
 from .index import (
+    MANIFEST_VERSION,
+    MANIFEST_VERSION_PLAIN,
     MAX_MANIFEST_BYTES,
     ListingCache,
     Version,
@@ -96,6 +98,33 @@ DEFAULT_SMALL_THRESHOLD = 256 << 10
 DEFAULT_LEVEL = 1
 #: A plane is stored compressed only if that saves at least this fraction.
 DEFAULT_MIN_SAVING = 0.05
+#: Longest chain of delta chunks a save may extend (see ``Store(delta_depth=)``).
+DEFAULT_DELTA_DEPTH = 10
+#: The engine's limit on delta chains (chunk format, docs/format.md).
+MAX_DELTA_DEPTH = 64
+
+
+def listed_bases(m: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """Every object a manifest lists, with the base it records for it (None
+    for a full chunk; format-1 manifests have no deltas at all)."""
+    table = m["chunks"]
+    return [(c[0], table[c[3]][0] if len(c) == 4 else None) for c in table]
+
+
+def chunk_table(
+    chunks: list[tuple[str, int, int, bool, str | None]],
+    deps: list[tuple[str, int, int, str | None]],
+) -> list[list[Any]]:
+    """A manifest's chunk table: the chunks the spans index, then the bases
+    of delta chunks that are not chunks themselves; a delta chunk's entry
+    ends with the index of its base."""
+    rows: list[list[Any]] = [[c[0], c[1], c[2]] for c in chunks]
+    rows += [[d[0], d[1], d[2]] for d in deps]
+    index = {row[0]: i for i, row in enumerate(rows)}
+    for row, base in zip(rows, [c[4] for c in chunks] + [d[3] for d in deps], strict=True):
+        if base is not None:
+            row.append(index[base])
+    return rows
 
 
 class VersionPinnedError(CheckpointError):
@@ -180,6 +209,13 @@ class Store:
         min_saving: a plane is compressed only if that saves this fraction.
         durable: fsync chunks, manifests and directories (False: scratch use).
         threads: worker threads for hashing and compression (None: all cores).
+        delta_depth: a changed chunk of a tensor whose previous version is
+            mostly unchanged (e.g. an embedding table where a few rows moved)
+            is stored as a delta on the previous version's chunk: the XOR
+            with it, compressed. This caps the chain of deltas a restore
+            applies (each costs about one decompression pass over the
+            chunk); the next chunk after a full chain is stored whole. 0
+            turns deltas off.
         lock_timeout: seconds a writer waits for the store lock.
 
     Raises:
@@ -200,8 +236,17 @@ class Store:
         durable: bool = True,
         threads: int | None = None,
         lock_timeout: float = 60.0,
+        delta_depth: int = DEFAULT_DELTA_DEPTH,
     ) -> None:
         self.root = os.fspath(root)
+        if isinstance(delta_depth, bool) or not isinstance(delta_depth, int):
+            raise TypeError(f"delta_depth must be an int, got {type(delta_depth).__name__}")
+        if not 0 <= delta_depth <= MAX_DELTA_DEPTH:
+            raise ValueError(
+                f"delta_depth must be between 0 and {MAX_DELTA_DEPTH}, got {delta_depth}"
+            )
+        self.delta_depth = delta_depth
+        self._last_manifest: tuple[int, dict[str, Any]] | None = None
         self.level = int(level)
         self.min_saving = float(min_saving)
         self.durable = bool(durable)
@@ -381,6 +426,7 @@ class Store:
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
             self._check_layout()
             if previous.strip():
+                self._cache.forget()  # it may have committed without a trace in the cache
                 self._recover()
             self._sweep_tmp()
         except BaseException:
@@ -572,10 +618,9 @@ class Store:
         views = [npa.byte_view(a) for a in arrays]
         groups = [npa.group_width(n) for n in names]
         with self._writer(), self._full_store_errors():
-            existing = self._cache.committed_ids()
-            new_id = max(max(existing, default=0), self._deleted_high_water()) + 1
-            parent = max(existing) if existing else None
-            chunks, spans = _core.save_chunks(
+            new_id, parent = self._cache.next_id(self._deleted_high_water())
+            bases = self._delta_bases(parent, leaves, names, arrays)
+            chunks, spans, deps = _core.save_chunks(
                 self.root,
                 views,
                 groups,
@@ -585,7 +630,10 @@ class Store:
                 min_saving=self.min_saving,
                 durable=self.durable,
                 threads=self.threads,
+                bases=bases,
+                delta_depth=self.delta_depth if bases is not None else 0,
             )
+            table = chunk_table(chunks, deps)
             tensors = [
                 {
                     "path": leaf.path,
@@ -603,7 +651,9 @@ class Store:
             created = datetime.now(timezone.utc)
             manifest = {
                 "format": "ckpt-manifest",
-                "version": 1,
+                "version": (
+                    MANIFEST_VERSION if any(len(c) == 4 for c in table) else MANIFEST_VERSION_PLAIN
+                ),
                 "id": new_id,
                 "parent": parent,
                 "created": format_time(created),
@@ -614,7 +664,7 @@ class Store:
                 "trainer": trainer,
                 "tree": skeleton,
                 "tensors": tensors,
-                "chunks": [[c[0], c[1], c[2]] for c in chunks],
+                "chunks": table,
                 "stats": {
                     "raw_bytes": raw_bytes,
                     "new_bytes": new_bytes,
@@ -626,9 +676,46 @@ class Store:
                 json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode()
             )
             self._commit("versions", manifest_name(new_id), data)  # the commit point
+            self._last_manifest = (new_id, manifest)
             version = Version.from_summary(manifest)
             self._cache.append(version)
+            self._cache.remember(new_id)  # the newest id now (nothing is newer: see next_id)
         return version
+
+    def _delta_bases(
+        self,
+        parent: int | None,
+        leaves: list[Leaf],
+        names: list[str],
+        arrays: list[np.ndarray[Any, Any]],
+    ) -> list[list[tuple[int, int, str]]] | None:
+        """Per leaf, the parent version's whole chunks of the same tensor
+        ``(offset, length, id)`` that new chunks may be deltas against; None
+        when deltas are off, there is no parent, or it cannot be read (a save
+        never fails for want of a base)."""
+        if not self.delta_depth or parent is None:
+            return None
+        if self._last_manifest is not None and self._last_manifest[0] == parent:
+            m = self._last_manifest[1]
+        else:
+            try:
+                m = self.manifest(parent)
+            except (CheckpointError, OSError):
+                return None
+        by_path = {t["path"]: t for t in m["tensors"]}
+        table = m["chunks"]
+        out: list[list[tuple[int, int, str]]] = []
+        for leaf, name, a in zip(leaves, names, arrays, strict=True):
+            t = by_path.get(leaf.path)
+            found: list[tuple[int, int, str]] = []
+            if t is not None and t["dtype"] == name and t["nbytes"] == a.nbytes:
+                offset = 0
+                for ci, coff, ln in t["spans"]:
+                    if coff == 0 and ln == table[ci][1]:  # the whole chunk is this tensor's
+                        found.append((offset, ln, table[ci][0]))
+                    offset += ln
+            out.append(found)
+        return out if any(out) else None
 
     # ------------------------------------------------------- background saves
     def _submit(
@@ -971,7 +1058,10 @@ class Store:
             return
         try:
             _core.probe_chunks(
-                self.root, [(table[ci][0], table[ci][1]) for ci in used], threads=self.threads
+                self.root,
+                [(table[ci][0], table[ci][1]) for ci in used],
+                threads=self.threads,
+                listed=listed_bases(m),
             )
         except (IntegrityError, FormatError) as exc:
             raise self._located(exc, vid, m) from None
@@ -1080,6 +1170,17 @@ class Store:
                 continue
             m = entry
             problems = []
+            # the bases its delta chunks name must be the ones it lists (gc
+            # keeps only what manifests list); format 1 lists no deltas
+            try:
+                _core.probe_chunks(
+                    self.root,
+                    [(c[0], c[1]) for c in m["chunks"] if c[0] not in damage],
+                    threads=self.threads,
+                    listed=listed_bases(m),
+                )
+            except (IntegrityError, FormatError) as exc:
+                problems.append(Problem(exc.object or "", "format", str(exc), ()))
             for ci, c in enumerate(m["chunks"]):
                 if c[0] in damage:
                     kind, message = damage[c[0]]
@@ -1129,11 +1230,13 @@ class Store:
             vid = self.resolve(version)
             if vid in self.pinned():
                 raise VersionPinnedError(f"version {vid} is pinned; unpin it before deleting it")
-            if vid == max(self._cache.committed_ids()) and vid > self._deleted_high_water():
+            ids = self._cache.committed_ids()
+            if vid == max(ids) and vid > self._deleted_high_water():
                 # ids are never reused: remember the highest id before it disappears
                 self._commit("", "last-id", f"{vid}\n".encode())
             os.unlink(self._p("versions", manifest_name(vid)))
             self._fsync_dir(self._p("versions"))
+            self._cache.remember(max(ids - {vid}, default=None))
             self._chunk_maps.pop(vid, None)
 
     def _deleted_high_water(self) -> int:
@@ -1243,11 +1346,16 @@ class Store:
                 if why:
                     remaining.update(self.chunk_map(vid))
             garbage = {c for vid in plan.delete for c in self.chunk_map(vid)} - remaining
+            newest = self._cache.newest_id()
             for vid in plan.delete:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._p("versions", manifest_name(vid)))
                 self._chunk_maps.pop(vid, None)
             self._fsync_dir(self._p("versions"))
+            if newest in plan.delete:
+                self._cache.forget()
+            else:
+                self._cache.remember(newest)  # retention never deletes the newest version
             freed = (
                 _core.delete_objects(self.root, sorted(garbage), durable=self.durable)
                 if garbage

@@ -4,15 +4,17 @@
 use super::buffers::{export, RawBuf};
 use super::errors::{kind, to_py};
 use ckpt_engine::{
-    pipeline, Backend, ChunkParams, ChunkRef, EncodeOptions, LocalFs, ObjectId, Placement,
+    pipeline, Backend, BaseRef, ChunkParams, ChunkRef, EncodeOptions, LocalFs, ObjectId, Placement,
     SaveOptions, TensorIn,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
-type SavedChunk = (String, u64, u64, bool);
+type SavedChunk = (String, u64, u64, bool, Option<String>);
 type SavedSpan = (usize, u64, u64);
+type DepChunk = (String, u64, u64, Option<String>);
+type SaveResult = (Vec<SavedChunk>, Vec<Vec<SavedSpan>>, Vec<DepChunk>);
 
 fn parse_id(text: &str) -> PyResult<ObjectId> {
     ObjectId::parse(text).map_err(to_py)
@@ -32,10 +34,16 @@ fn chunk_refs(chunks: &[(String, u64)]) -> PyResult<Vec<ChunkRef>> {
 
 /// Saves the bytes of `buffers` as chunks under the store `root`.
 ///
-/// Returns the distinct chunks `(id, raw_len, stored_len, written)` and, per
-/// buffer, its spans `(chunk index, offset in chunk, length)` in byte order.
+/// `bases` (optional, one list per buffer) offers chunks of an earlier
+/// version `(offset, len, id)` that new chunks covering exactly those bytes
+/// may be stored as deltas against, in chains of at most `delta_depth`.
+///
+/// Returns the distinct chunks `(id, raw_len, stored_len, written, base)`,
+/// per buffer its spans `(chunk index, offset in chunk, length)` in byte
+/// order, and the delta bases that are not chunks themselves
+/// `(id, raw_len, stored_len, base)` (every object a reader needs).
 #[pyfunction]
-#[pyo3(signature = (root, buffers, groups, *, chunk_size, small_threshold, level, min_saving, durable, threads=None))]
+#[pyo3(signature = (root, buffers, groups, *, chunk_size, small_threshold, level, min_saving, durable, threads=None, bases=None, delta_depth=0))]
 #[allow(clippy::too_many_arguments)]
 pub fn save_chunks(
     py: Python<'_>,
@@ -48,7 +56,9 @@ pub fn save_chunks(
     min_saving: f64,
     durable: bool,
     threads: Option<usize>,
-) -> PyResult<(Vec<SavedChunk>, Vec<Vec<SavedSpan>>)> {
+    bases: Option<Vec<Vec<(u64, u64, String)>>>,
+    delta_depth: u32,
+) -> PyResult<SaveResult> {
     if groups.len() != buffers.len() {
         return Err(PyValueError::new_err(format!(
             "{} buffers but {} group widths",
@@ -56,6 +66,30 @@ pub fn save_chunks(
             groups.len()
         )));
     }
+    let bases: Vec<Vec<BaseRef>> = match bases {
+        None => vec![Vec::new(); buffers.len()],
+        Some(b) if b.len() != buffers.len() => {
+            return Err(PyValueError::new_err(format!(
+                "{} buffers but {} base lists",
+                buffers.len(),
+                b.len()
+            )))
+        }
+        Some(b) => b
+            .iter()
+            .map(|list| {
+                list.iter()
+                    .map(|(offset, len, id)| {
+                        Ok(BaseRef {
+                            offset: *offset,
+                            len: *len,
+                            id: parse_id(id)?,
+                        })
+                    })
+                    .collect::<PyResult<Vec<_>>>()
+            })
+            .collect::<PyResult<Vec<_>>>()?,
+    };
     let (held, raw) = export(&buffers, false, "buffer")?;
     let opts = SaveOptions {
         chunks: ChunkParams {
@@ -64,15 +98,18 @@ pub fn save_chunks(
         },
         encode: EncodeOptions { level, min_saving },
         threads,
+        delta_depth,
     };
     let result = py.detach(|| {
         let tensors: Vec<TensorIn<'_>> = raw
             .iter()
             .zip(&groups)
-            .map(|(b, &group)| TensorIn {
+            .zip(&bases)
+            .map(|((b, &group), bases)| TensorIn {
                 // SAFETY: `held` pins each buffer until after this closure (module docs of `buffers`).
                 data: unsafe { slice_of(b) },
                 group,
+                bases,
             })
             .collect();
         let backend = LocalFs::new(root, durable);
@@ -83,14 +120,22 @@ pub fn save_chunks(
     let chunks = saved
         .chunks
         .iter()
-        .map(|c| (c.id.hex(), c.raw_len, c.stored_len, c.written))
+        .map(|c| {
+            let base = c.base.map(|b| b.hex());
+            (c.id.hex(), c.raw_len, c.stored_len, c.written, base)
+        })
         .collect();
     let spans = saved
         .spans
         .iter()
         .map(|s| s.iter().map(|s| (s.chunk, s.offset, s.len)).collect())
         .collect();
-    Ok((chunks, spans))
+    let deps = saved
+        .deps
+        .iter()
+        .map(|c| (c.id.hex(), c.raw_len, c.stored_len, c.base.map(|b| b.hex())))
+        .collect();
+    Ok((chunks, spans, deps))
 }
 
 /// # Safety
@@ -161,18 +206,29 @@ pub fn verify_chunks(
 }
 
 /// Checks that chunks `(id, raw_len)` exist with well-formed headers that
-/// record that raw length and match their file size, without decoding them.
-/// Raises the first problem found (MissingObjectError, FormatError, IntegrityError).
+/// record that raw length and match their file size, without decoding them,
+/// following delta chains. With `listed` (every object of the manifest as
+/// `(id, base id or None)`), every link must be listed with the base its
+/// header names. Raises the first problem found (MissingObjectError,
+/// FormatError, IntegrityError).
 #[pyfunction]
-#[pyo3(signature = (root, chunks, *, threads=None))]
+#[pyo3(signature = (root, chunks, *, threads=None, listed=None))]
 pub fn probe_chunks(
     py: Python<'_>,
     root: PathBuf,
     chunks: Vec<(String, u64)>,
     threads: Option<usize>,
+    listed: Option<Vec<(String, Option<String>)>>,
 ) -> PyResult<()> {
     let refs = chunk_refs(&chunks)?;
-    py.detach(|| pipeline::probe(&LocalFs::new(root, false), &refs, threads))
+    let listed = listed
+        .map(|l| {
+            l.iter()
+                .map(|(id, base)| Ok((parse_id(id)?, base.as_deref().map(parse_id).transpose()?)))
+                .collect::<PyResult<std::collections::HashMap<_, _>>>()
+        })
+        .transpose()?;
+    py.detach(|| pipeline::probe(&LocalFs::new(root, false), &refs, threads, listed.as_ref()))
         .map_err(to_py)
 }
 

@@ -521,7 +521,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     versions = store.versions()
     unique: dict[str, tuple[int, int]] = {}
     for v in versions:
-        for cid, raw_len, stored_len in store.manifest(v.id)["chunks"]:
+        for cid, raw_len, stored_len, *_ in store.manifest(v.id)["chunks"]:
             unique[cid] = (int(raw_len), int(stored_len))
     total_raw = sum(v.raw_bytes for v in versions)
     unique_raw = sum(r for r, _ in unique.values())

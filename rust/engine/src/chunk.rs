@@ -14,6 +14,28 @@
 //! 24+16n        the plane payloads, in plane order
 //! ```
 //! All integers are little-endian. A zstd plane is one standard zstd frame.
+//!
+//! A delta chunk (format version 2) stores its raw bytes as the XOR with an
+//! earlier chunk of the same length, its base:
+//!
+//! ```text
+//!      0     8  magic  b"CKPTCHNK"
+//!      8     2  format version (u16, = 2)
+//!     10     1  filter: 2 = xor-delta
+//!     11     1  planes n = 1
+//!     12     4  reserved, zero
+//!     16     8  raw length (u64)
+//!     24    16  the plane: codec 1 (zstd), 7 reserved zero bytes, stored length
+//!     40    32  base object id (BLAKE3-256 of the base's raw bytes)
+//!     72     4  depth (u32): 1 + the base's depth (a full chunk has depth 0)
+//!     76     4  patch length (u32): bytes the zstd frame decompresses to
+//!     80        one zstd frame of the patch
+//! ```
+//!
+//! The patch lists the byte runs where the raw bytes differ from the base's,
+//! as `(skip, len, len bytes of raw XOR base)` triples, `skip` and `len`
+//! LEB128 varints, `skip` counted from the end of the previous run: applying
+//! it touches only the changed bytes.
 
 use crate::bytegroup;
 use crate::error::{Error, Result};
@@ -21,8 +43,14 @@ use crate::huff;
 
 /// First eight bytes of every chunk file.
 pub const MAGIC: &[u8; 8] = b"CKPTCHNK";
-/// Chunk format version written by this engine.
+/// Chunk format version of full chunks.
 pub const CHUNK_VERSION: u16 = 1;
+/// Chunk format version of delta chunks.
+pub const DELTA_VERSION: u16 = 2;
+/// Longest delta chain a reader follows (a writer stops far earlier, at its
+/// `delta_depth` option); bounds the work a damaged or hostile store can cause.
+pub const MAX_DELTA_DEPTH: u32 = 64;
+const DELTA_EXTRA: usize = 40;
 /// Largest raw chunk the engine writes or accepts (bounds every allocation).
 pub const MAX_RAW_LEN: u64 = 1 << 30;
 /// Largest group width (`complex128` components are 8 bytes; 16 leaves room).
@@ -40,6 +68,24 @@ pub enum Filter {
     None,
     /// Byte planes of `n`-byte items: all first bytes, then all second bytes, ...
     ByteGroup(usize),
+    /// XOR with the raw bytes of a base chunk (see [`Delta`]); one zstd plane.
+    XorDelta,
+}
+
+/// The base of a delta chunk, the length of its chain and of its patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delta {
+    pub base: crate::object_id::ObjectId,
+    /// 1 + the base's depth; a full chunk has depth 0.
+    pub depth: u32,
+    /// Decompressed size of the patch (bounded by [`max_patch_len`]).
+    pub patch_len: u32,
+}
+
+/// Largest patch a delta of `raw_len` bytes may have: every byte changed
+/// costs its byte plus, at worst, two one-byte varints per 8-byte word.
+pub fn max_patch_len(raw_len: u64) -> u64 {
+    raw_len + raw_len / 4 + 32
 }
 
 impl Filter {
@@ -85,12 +131,21 @@ pub struct Header {
     pub filter: Filter,
     pub raw_len: u64,
     pub planes: Vec<(Codec, u64)>,
+    /// Set for delta chunks (filter `XorDelta`).
+    pub delta: Option<Delta>,
 }
 
 impl Header {
     /// Bytes taken by the header itself.
     pub fn header_len(&self) -> usize {
-        FIXED_HEADER + PLANE_ENTRY * self.planes.len()
+        FIXED_HEADER
+            + PLANE_ENTRY * self.planes.len()
+            + if self.delta.is_some() { DELTA_EXTRA } else { 0 }
+    }
+
+    /// The chain length: 0 for a full chunk.
+    pub fn depth(&self) -> u32 {
+        self.delta.map_or(0, |d| d.depth)
     }
 
     /// Header plus payloads: the size the chunk file must have.
@@ -101,10 +156,16 @@ impl Header {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.header_len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&CHUNK_VERSION.to_le_bytes());
+        let version = if self.delta.is_some() {
+            DELTA_VERSION
+        } else {
+            CHUNK_VERSION
+        };
+        out.extend_from_slice(&version.to_le_bytes());
         let (code, n) = match self.filter {
             Filter::None => (0u8, 1u8),
             Filter::ByteGroup(n) => (1u8, n as u8),
+            Filter::XorDelta => (2u8, 1u8),
         };
         out.push(code);
         out.push(n);
@@ -117,6 +178,11 @@ impl Header {
             });
             out.extend_from_slice(&[0u8; 7]);
             out.extend_from_slice(&stored.to_le_bytes());
+        }
+        if let Some(d) = self.delta {
+            out.extend_from_slice(&d.base.0);
+            out.extend_from_slice(&d.depth.to_le_bytes());
+            out.extend_from_slice(&d.patch_len.to_le_bytes());
         }
         out
     }
@@ -137,16 +203,21 @@ impl Header {
             return Err(bad("not a ckpt chunk (bad magic)".into()));
         }
         let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != CHUNK_VERSION {
+        if version != CHUNK_VERSION && version != DELTA_VERSION {
             return Err(bad(format!(
-                "chunk format version {version} is not supported (this build reads {CHUNK_VERSION}); upgrade ckpt"
+                "chunk format version {version} is not supported (this build reads {CHUNK_VERSION} and {DELTA_VERSION}); upgrade ckpt"
             )));
         }
         let n = data[11] as usize;
-        let filter = match (data[10], n) {
-            (0, 1) => Filter::None,
-            (1, 2..=MAX_PLANES) => Filter::ByteGroup(n),
-            (f, n) => return Err(bad(format!("unknown filter {f} with {n} planes"))),
+        let filter = match (version, data[10], n) {
+            (CHUNK_VERSION, 0, 1) => Filter::None,
+            (CHUNK_VERSION, 1, 2..=MAX_PLANES) => Filter::ByteGroup(n),
+            (DELTA_VERSION, 2, 1) => Filter::XorDelta,
+            (v, f, n) => {
+                return Err(bad(format!(
+                    "unknown filter {f} with {n} planes in a version {v} chunk"
+                )))
+            }
         };
         if data[12..16] != [0u8; 4] {
             return Err(bad("reserved header bytes are not zero".into()));
@@ -196,10 +267,50 @@ impl Header {
             }
             planes.push((codec, stored));
         }
+        let delta = if filter == Filter::XorDelta {
+            if planes[0].0 != Codec::Zstd {
+                return Err(bad("a delta chunk's plane must be zstd".into()));
+            }
+            let at = FIXED_HEADER + PLANE_ENTRY;
+            if data.len() < at + DELTA_EXTRA {
+                return Err(bad(format!(
+                    "file is {} bytes, shorter than its {}-byte delta header",
+                    data.len(),
+                    at + DELTA_EXTRA
+                )));
+            }
+            let base = crate::object_id::ObjectId(data[at..at + 32].try_into().expect("32 bytes"));
+            let depth = u32::from_le_bytes(data[at + 32..at + 36].try_into().expect("4 bytes"));
+            if !(1..=MAX_DELTA_DEPTH).contains(&depth) {
+                return Err(bad(format!(
+                    "delta depth {depth} is outside 1..={MAX_DELTA_DEPTH}"
+                )));
+            }
+            let patch_len = u32::from_le_bytes(data[at + 36..at + 40].try_into().expect("4 bytes"));
+            if patch_len as u64 > max_patch_len(raw_len) {
+                return Err(bad(format!(
+                    "patch length {patch_len} exceeds the limit for {raw_len} raw bytes"
+                )));
+            }
+            if planes[0].1 > patch_len as u64 + 64 {
+                return Err(bad(format!(
+                    "stored length {} exceeds the patch's {patch_len} bytes",
+                    planes[0].1
+                )));
+            }
+            Some(Delta {
+                base,
+                depth,
+                patch_len,
+            })
+        } else {
+            None
+        };
         Ok(Header {
             filter,
             raw_len,
             planes,
+            delta,
         })
     }
 }
@@ -264,8 +375,8 @@ impl Encoder {
         }
         let filter = Filter::for_group(group, raw.len());
         let n = match filter {
-            Filter::None => 1,
             Filter::ByteGroup(n) => n,
+            Filter::None | Filter::XorDelta => 1,
         };
         let Encoder {
             planes,
@@ -285,8 +396,8 @@ impl Encoder {
         let plane_len = raw.len() / n;
         let plane = |j: usize| -> &[u8] {
             match filter {
-                Filter::None => raw,
                 Filter::ByteGroup(_) => &planes[j * plane_len..(j + 1) * plane_len],
+                Filter::None | Filter::XorDelta => raw,
             }
         };
         while compressed.len() < n {
@@ -317,6 +428,7 @@ impl Encoder {
             filter,
             raw_len: raw.len() as u64,
             planes: entries,
+            delta: None,
         };
         let stored_len = header.file_len();
         Ok(Encoded {
@@ -495,6 +607,11 @@ pub fn decode_payload(
             ),
         });
     }
+    if header.filter == Filter::XorDelta {
+        return Err(Error::Invalid(format!(
+            "chunk {object} is a delta chunk: decode it with its base"
+        )));
+    }
     let n = header.planes.len();
     let plane_len = out.len() / n;
     if header.filter == Filter::None {
@@ -557,6 +674,164 @@ pub fn decode_payload(
             h.update(dst);
         }
         start = end;
+    }
+    Ok(())
+}
+
+/// The header of a delta chunk of `raw_len` bytes whose zstd frame is `stored` bytes.
+pub fn delta_header(raw_len: u64, stored: u64, delta: Delta) -> Vec<u8> {
+    Header {
+        filter: Filter::XorDelta,
+        raw_len,
+        planes: vec![(Codec::Zstd, stored)],
+        delta: Some(delta),
+    }
+    .encode()
+}
+
+/// Appends to `patch` the runs where `new` differs from `base` (same
+/// lengths), as `(skip, len, new XOR base)` triples with LEB128 varints.
+/// Words are compared 8 bytes at a time; runs closer than 16 bytes merge.
+pub fn build_patch(new: &[u8], base: &[u8], patch: &mut Vec<u8>) {
+    debug_assert_eq!(new.len(), base.len());
+    const GAP: usize = 16;
+    let n = new.len();
+    let word = |i: usize| -> bool {
+        // true when bytes [i, i+8) (or the tail) differ
+        let e = (i + 8).min(n);
+        if e - i == 8 {
+            u64::from_ne_bytes(new[i..e].try_into().expect("8"))
+                != u64::from_ne_bytes(base[i..e].try_into().expect("8"))
+        } else {
+            new[i..e] != base[i..e]
+        }
+    };
+    let mut end_prev = 0usize; // end of the previous run
+    let mut i = 0usize;
+    while i < n {
+        if !word(i) {
+            i += 8;
+            continue;
+        }
+        let start = i;
+        let mut end = (i + 8).min(n);
+        let mut j = end;
+        while j < n {
+            if word(j) {
+                end = (j + 8).min(n);
+                j = end;
+            } else if j - end >= GAP {
+                break;
+            } else {
+                j += 8;
+            }
+        }
+        put_varint(patch, (start - end_prev) as u64);
+        put_varint(patch, (end - start) as u64);
+        patch.extend(
+            new[start..end]
+                .iter()
+                .zip(&base[start..end])
+                .map(|(a, b)| a ^ b),
+        );
+        end_prev = end;
+        i = end;
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(data: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *data.get(*pos)?;
+        *pos += 1;
+        if shift == 63 && b > 1 {
+            return None; // more than 64 bits
+        }
+        v |= ((b & 0x7f) as u64) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// XORs the runs of `patch` into `out`; every run must lie inside `out`,
+/// in order, and the patch must end exactly after its last run.
+pub fn apply_patch(patch: &[u8], out: &mut [u8], object: &str) -> Result<()> {
+    let bad = |detail: String| Error::Integrity {
+        object: object.to_string(),
+        detail,
+    };
+    let mut pos = 0usize;
+    let mut at = 0u64;
+    while pos < patch.len() {
+        let (Some(skip), Some(len)) = (get_varint(patch, &mut pos), get_varint(patch, &mut pos))
+        else {
+            return Err(bad("patch ends inside a run header".into()));
+        };
+        let start = at.checked_add(skip);
+        let end = start.and_then(|s| s.checked_add(len));
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(bad("patch run overflows".into()));
+        };
+        if len == 0 || end > out.len() as u64 || patch.len() - pos < len as usize {
+            return Err(bad(format!(
+                "patch run of {len} bytes at {start} lies outside the chunk or the patch"
+            )));
+        }
+        let (s, e) = (start as usize, end as usize);
+        for (o, x) in out[s..e].iter_mut().zip(&patch[pos..pos + len as usize]) {
+            *o ^= x;
+        }
+        pos += len as usize;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Applies delta chunk `header`'s payload to `out`, which holds the base's
+/// raw bytes; `scratch` receives the decompressed patch (its recorded length).
+/// With a `hasher`, the result is hashed.
+pub fn apply_delta(
+    header: &Header,
+    payload: &[u8],
+    object: &str,
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+    hasher: Option<&mut blake3::Hasher>,
+) -> Result<()> {
+    let expected = header.file_len() - header.header_len() as u64;
+    let Some(delta) = header.delta else {
+        return Err(Error::Invalid(format!("chunk {object} is not a delta")));
+    };
+    if payload.len() as u64 != expected || out.len() as u64 != header.raw_len {
+        return Err(Error::Integrity {
+            object: object.to_string(),
+            detail: format!(
+                "payload is {} bytes, the header says {expected}",
+                payload.len()
+            ),
+        });
+    }
+    let n = delta.patch_len as usize;
+    if scratch.len() < n {
+        if scratch.try_reserve_exact(n - scratch.len()).is_err() {
+            return Err(Error::OutOfMemory { bytes: n as u64 });
+        }
+        scratch.resize(n, 0);
+    }
+    decode_plane(Codec::Zstd, payload, &mut scratch[..n], 0, object)?;
+    apply_patch(&scratch[..n], out, object)?;
+    if let Some(h) = hasher {
+        h.update(out);
     }
     Ok(())
 }
@@ -672,6 +947,76 @@ mod tests {
         let raw: Vec<u8> = (0..200_000).map(|_| splitmix(&mut x) as u8).collect();
         let (h, _) = round_trip(&raw, 1);
         assert_eq!(h.planes[0].0, Codec::Raw);
+    }
+
+    #[test]
+    fn patches_touch_exactly_the_changed_runs() {
+        let base = floats(10_001); // a length that is not a multiple of 8
+        for changes in [
+            vec![],
+            vec![0usize],
+            vec![5, 6, 7, 200, 40_003],
+            vec![40_003],
+        ] {
+            let mut new = base.clone();
+            for &i in &changes {
+                new[i] ^= 0x5a;
+            }
+            let mut patch = Vec::new();
+            build_patch(&new, &base, &mut patch);
+            assert!(patch.len() <= changes.len() * 40 + 1);
+            let mut out = base.clone();
+            apply_patch(&patch, &mut out, "x").unwrap();
+            assert_eq!(out, new);
+        }
+        let mut all = base.clone();
+        all.iter_mut().for_each(|b| *b = !*b);
+        let mut patch = Vec::new();
+        build_patch(&all, &base, &mut patch);
+        assert!(patch.len() as u64 <= max_patch_len(base.len() as u64));
+    }
+
+    #[test]
+    fn bad_patches_are_integrity_errors() {
+        let mut out = vec![0u8; 100];
+        for patch in [
+            vec![0u8, 0],                      // empty run
+            vec![90, 20, 1, 2],                // past the end
+            vec![0, 4, 1, 2],                  // patch ends inside the run
+            vec![0x80],                        // ends inside a varint
+            [vec![0xff; 9], vec![2]].concat(), // a varint over 64 bits
+        ] {
+            assert!(matches!(
+                apply_patch(&patch, &mut out, "x"),
+                Err(Error::Integrity { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn delta_headers_round_trip_and_are_bounded() {
+        let base = crate::object_id::ObjectId([7u8; 32]);
+        let delta = Delta {
+            base,
+            depth: 3,
+            patch_len: 500,
+        };
+        let mut file = delta_header(1 << 20, 100, delta);
+        file.extend_from_slice(&[0u8; 100]);
+        let h = Header::parse(&file, "x").unwrap();
+        assert_eq!(h.delta, Some(delta));
+        assert_eq!(h.filter, Filter::XorDelta);
+        assert_eq!(h.file_len(), file.len() as u64);
+        let mut out = vec![0u8; 1 << 20];
+        assert!(decode_payload(&h, &file[80..], "x", &mut out, &mut Vec::new(), None).is_err());
+        for (at, value) in [(72usize, 0u32), (72, MAX_DELTA_DEPTH + 1), (76, 1 << 30)] {
+            let mut bad = file.clone();
+            bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            assert!(matches!(
+                Header::parse(&bad, "x"),
+                Err(Error::Format { .. })
+            ));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub use error::{Error, Result};
 pub use fault::FAULT_POINTS;
 pub use object_id::ObjectId;
 pub use pipeline::{
-    restore, save, verify, ChunkInfo, ChunkRef, Placement, SaveOptions, Saved, Span, TensorIn,
+    restore, save, verify, BaseRef, ChunkInfo, ChunkRef, Placement, SaveOptions, Saved, Span,
+    TensorIn,
 };
 pub use plan::ChunkParams;

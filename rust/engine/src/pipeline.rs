@@ -18,6 +18,18 @@ use std::sync::Mutex;
 pub struct TensorIn<'a> {
     pub data: &'a [u8],
     pub group: usize,
+    /// Chunks of an earlier version of this tensor that new chunks covering
+    /// the same bytes may be stored as deltas against (see [`BaseRef`]).
+    pub bases: &'a [BaseRef],
+}
+
+/// Bytes `[offset, offset + len)` of a tensor were chunk `id` in an earlier
+/// version: a new chunk covering exactly those bytes may become a delta on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaseRef {
+    pub offset: u64,
+    pub len: u64,
+    pub id: ObjectId,
 }
 
 /// Options of [`save`].
@@ -26,6 +38,8 @@ pub struct SaveOptions {
     pub chunks: ChunkParams,
     pub encode: EncodeOptions,
     pub threads: Option<usize>,
+    /// Longest delta chain a new chunk may end (0: never write deltas).
+    pub delta_depth: u32,
 }
 
 /// A chunk referenced by a saved version.
@@ -36,6 +50,8 @@ pub struct ChunkInfo {
     pub stored_len: u64,
     /// True when this save wrote the object; false when it existed (dedup).
     pub written: bool,
+    /// The base of a delta chunk (which a reader needs as well).
+    pub base: Option<ObjectId>,
 }
 
 /// Where a tensor's bytes are: `len` bytes at `offset` of chunk `chunk`
@@ -47,12 +63,20 @@ pub struct Span {
     pub len: u64,
 }
 
-/// The result of [`save`]: distinct chunks in first-use order, spans per tensor.
+/// The result of [`save`]: distinct chunks in first-use order, spans per
+/// tensor, and the bases of delta chunks that are not chunks themselves
+/// (transitively: every object a reader of the chunks needs).
 #[derive(Clone, Debug)]
 pub struct Saved {
     pub chunks: Vec<ChunkInfo>,
     pub spans: Vec<Vec<Span>>,
+    pub deps: Vec<ChunkInfo>,
 }
+
+/// What `save_chunk` learnt of a chunk: none when another worker of this
+/// save claimed it, else its stored size, whether this save wrote it, and
+/// its base when it is a delta.
+type ChunkOutcome = Option<(u64, bool, Option<ObjectId>)>;
 
 /// Saves tensors as chunks. Chunks already in the store are neither
 /// compressed nor written. Every written object is durable when this returns
@@ -62,11 +86,11 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
     let sizes: Vec<(usize, usize)> = tensors.iter().map(|t| (t.data.len(), t.group)).collect();
     let planned = plan(&sizes, opts.chunks);
     let claimed: Mutex<HashSet<ObjectId>> = Mutex::new(HashSet::new());
-    let results: Vec<(ObjectId, Option<(u64, bool)>)> = pool::run_with(opts.threads, || {
+    let results: Vec<(ObjectId, ChunkOutcome)> = pool::run_with(opts.threads, || {
         check_space(backend, tensors, &planned)?;
         planned
             .par_iter()
-            .map(|c| save_chunk(backend, tensors, c, &opts.encode, &claimed))
+            .map(|c| save_chunk(backend, tensors, c, opts, &claimed))
             .collect::<Result<Vec<_>>>()
     })??;
     backend.flush()?;
@@ -82,15 +106,18 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
                 raw_len: planned[i].len as u64,
                 stored_len: 0,
                 written: false,
+                base: None,
             });
             chunks.len() - 1
         });
-        if let Some((stored, written)) = info {
+        if let Some((stored, written, base)) = info {
             chunks[slot].stored_len = *stored;
             chunks[slot].written |= *written;
+            chunks[slot].base = *base;
         }
         chunk_of_plan.push(slot);
     }
+    let deps = chain_deps(backend, &chunks, &index)?;
     let mut spans: Vec<Vec<Span>> = vec![Vec::new(); tensors.len()];
     for (i, c) in planned.iter().enumerate() {
         let mut offset = 0u64;
@@ -104,7 +131,45 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
             offset += p.len as u64;
         }
     }
-    Ok(Saved { chunks, spans })
+    Ok(Saved {
+        chunks,
+        spans,
+        deps,
+    })
+}
+
+/// The bases of the delta chunks among `chunks` that are not chunks
+/// themselves, following each chain to its full chunk (headers only).
+fn chain_deps(
+    backend: &dyn Backend,
+    chunks: &[ChunkInfo],
+    index: &std::collections::HashMap<ObjectId, usize>,
+) -> Result<Vec<ChunkInfo>> {
+    let mut deps: Vec<ChunkInfo> = Vec::new();
+    let mut seen: HashSet<ObjectId> = HashSet::new();
+    for c in chunks {
+        let mut next = c.base;
+        while let Some(id) = next {
+            if index.contains_key(&id) || !seen.insert(id) {
+                break; // listed already, with its own chain
+            }
+            let r = ChunkRef {
+                id,
+                raw_len: c.raw_len,
+            };
+            let header = read_header(backend, &r)?;
+            let base = header.delta.map(|d| d.base);
+            deps.push(ChunkInfo {
+                id,
+                raw_len: c.raw_len,
+                stored_len: header.file_len(),
+                written: false,
+                base,
+            });
+            next = base;
+        }
+    }
+    Ok(deps)
 }
 
 fn validate_save_options(opts: &SaveOptions) -> Result<()> {
@@ -189,28 +254,49 @@ fn chunk_bytes<'a>(tensors: &[TensorIn<'a>], c: &PlannedChunk) -> Cow<'a, [u8]> 
 }
 
 /// Hashes one planned chunk in place (or its packed copy) and writes it unless
-/// it exists or another worker of this save claimed it.
+/// it exists or another worker of this save claimed it: as a delta when a
+/// base is offered and the delta is small, else as a full chunk.
 fn save_chunk(
     backend: &dyn Backend,
     tensors: &[TensorIn<'_>],
     c: &PlannedChunk,
-    opts: &EncodeOptions,
+    opts: &SaveOptions,
     claimed: &Mutex<HashSet<ObjectId>>,
-) -> Result<(ObjectId, Option<(u64, bool)>)> {
+) -> Result<(ObjectId, ChunkOutcome)> {
     let raw = chunk_bytes(tensors, c);
     let id = ObjectId::of(&raw);
     if !claimed.lock().expect("claim lock").insert(id) {
         return Ok((id, None));
     }
     if let Some(size) = backend.stored_size(&id)? {
-        return Ok((id, Some((size, false))));
+        // A delta object's base must be listed by the version as well.
+        let r = ChunkRef {
+            id,
+            raw_len: c.len as u64,
+        };
+        // a damaged object stays referenced as it is (verify reports it)
+        let base = read_header(backend, &r)
+            .ok()
+            .and_then(|h| h.delta.map(|d| d.base));
+        return Ok((id, Some((size, false, base))));
+    }
+    if let Some((header, frame_len, delta)) = try_delta(backend, tensors, c, &raw, opts)? {
+        let written = FRAME.with(|cell| {
+            let frame = cell.take();
+            let put = backend.put(&id, &[&header, &frame[..frame_len]]);
+            cell.set(frame);
+            put
+        });
+        written?;
+        let stored = (header.len() + frame_len) as u64;
+        return Ok((id, Some((stored, true, Some(delta.base)))));
     }
     let mut encoder = match ENCODER.with(|cell| cell.take()) {
         Some(e) => e,
         None => Encoder::new()?,
     };
     let written = (|| {
-        let enc = encoder.encode(&raw, c.group, opts)?;
+        let enc = encoder.encode(&raw, c.group, &opts.encode)?;
         let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
         parts.push(&enc.header);
         parts.extend(enc.payloads.iter().copied());
@@ -218,7 +304,156 @@ fn save_chunk(
         Ok(enc.stored_len)
     })();
     ENCODER.with(|cell| cell.set(Some(encoder)));
-    Ok((id, Some((written?, true))))
+    Ok((id, Some((written?, true, None))))
+}
+
+/// Chunks smaller than this are never stored as deltas.
+pub const DELTA_MIN_LEN: u64 = 64 << 10;
+/// A delta is kept only when its frame is at most this share of the raw bytes.
+const DELTA_MAX_RATIO: f64 = 0.25;
+/// Share of sampled items that must be unchanged for a delta to be tried.
+const DELTA_MIN_SAME: f64 = 0.5;
+
+/// Encodes chunk `c` as a delta on the base its tensor offers for exactly its
+/// bytes, when there is one, the chain stays within `delta_depth`, a sample
+/// says most items are unchanged, and the delta is small. Returns the
+/// header, the frame length (the frame is in this thread's `FRAME`) and the
+/// delta; `None` to write a full chunk. A base that is missing or damaged
+/// only means no delta (it is verified before anything is built on it).
+fn try_delta(
+    backend: &dyn Backend,
+    tensors: &[TensorIn<'_>],
+    c: &PlannedChunk,
+    raw: &[u8],
+    opts: &SaveOptions,
+) -> Result<Option<(Vec<u8>, usize, chunk::Delta)>> {
+    if opts.delta_depth == 0 || c.pieces.len() != 1 || (c.len as u64) < DELTA_MIN_LEN {
+        return Ok(None);
+    }
+    let p = c.pieces[0];
+    let Some(b) = tensors[p.tensor]
+        .bases
+        .iter()
+        .find(|b| b.offset == p.offset as u64 && b.len == p.len as u64)
+    else {
+        return Ok(None);
+    };
+    let bref = ChunkRef {
+        id: b.id,
+        raw_len: raw.len() as u64,
+    };
+    // The header and a sample with small reads; the base is mapped (and
+    // decoded) only when a delta looks worth it.
+    let Ok(header) = read_header(backend, &bref) else {
+        return Ok(None);
+    };
+    let depth = header.depth() + 1;
+    if depth > opts.delta_depth || !promising(backend, &bref, &header, raw)? {
+        return Ok(None);
+    }
+    let Ok(opened) = open_chunk(backend, &bref) else {
+        return Ok(None);
+    };
+    with_buffer(&BASE, raw.len(), |base| {
+        if decode_chunk(backend, &bref, &opened, base).is_err() {
+            return Ok(None);
+        }
+        let limit = (raw.len() as f64 * DELTA_MAX_RATIO) as usize;
+        let mut patch = DELTA.with(|cell| cell.take());
+        patch.clear();
+        chunk::build_patch(raw, base, &mut patch);
+        let frame_len = if patch.len() > limit * 2 {
+            Ok(usize::MAX) // changed too much to compress within the limit
+        } else {
+            FRAME.with(|cell| {
+                let mut frame = cell.take();
+                let n = compress_delta(&patch, &mut frame);
+                cell.set(frame);
+                n
+            })
+        };
+        let patch_len = patch.len() as u32;
+        DELTA.with(|cell| cell.set(patch));
+        let frame_len = frame_len?;
+        if frame_len > limit {
+            return Ok(None);
+        }
+        let delta = chunk::Delta {
+            base: b.id,
+            depth,
+            patch_len,
+        };
+        let header = chunk::delta_header(raw.len() as u64, frame_len as u64, delta);
+        Ok(Some((header, frame_len, delta)))
+    })
+}
+
+/// Runs `f` with this thread's `key` vector (taken out meanwhile, so a
+/// nested user of the same key gets a fresh one instead of aliasing it).
+fn with_vec<R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<u8>>>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    let mut v = key.with(|cell| cell.take());
+    let r = f(&mut v);
+    key.with(|cell| cell.set(v));
+    r
+}
+
+/// Compresses a delta's patch into `frame` (zstd level 1); returns the
+/// frame's length.
+fn compress_delta(xor: &[u8], frame: &mut Vec<u8>) -> Result<usize> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let err = |e: std::io::Error| Error::Invalid(format!("zstd: {e}"));
+    frame.clear();
+    frame.reserve(zstd::zstd_safe::compress_bound(xor.len()));
+    CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Compressor::new(1).map_err(err)?);
+        }
+        let cctx = slot.as_mut().expect("set above");
+        cctx.compress_to_buffer(xor, frame).map_err(err)
+    })
+}
+
+/// Whether most items of `raw` look unchanged from the base, judged on a
+/// sample of the base's first byte plane when it is stored raw (the low
+/// mantissa byte of a float: it changes whenever the value does). A base
+/// that is itself a delta counts as promising (the last delta paid), and
+/// so does one whose first plane is compressed (it cannot be sampled cheaply).
+fn promising(backend: &dyn Backend, bref: &ChunkRef, h: &Header, raw: &[u8]) -> Result<bool> {
+    let n = match h.filter {
+        Filter::XorDelta => return Ok(true),
+        Filter::ByteGroup(n) => n,
+        Filter::None => 1,
+    };
+    if h.planes[0].0 != Codec::Raw {
+        return Ok(true);
+    }
+    const WINDOWS: usize = 32;
+    const WINDOW: usize = 128;
+    let items = raw.len() / n;
+    if items < WINDOWS * WINDOW {
+        return Ok(true);
+    }
+    let start = h.header_len();
+    let stride = (items - WINDOW) / (WINDOWS - 1);
+    let mut same = 0usize;
+    let mut buf = [0u8; WINDOW];
+    for w in 0..WINDOWS {
+        let first = w * stride;
+        let (k, _) = backend.read_at(&bref.id, (start + first) as u64, &mut buf)?;
+        same += buf[..k]
+            .iter()
+            .enumerate()
+            .filter(|&(k, &b)| raw[(first + k) * n] == b)
+            .count();
+    }
+    Ok(same as f64 >= DELTA_MIN_SAME * (WINDOWS * WINDOW) as f64)
 }
 
 thread_local! {
@@ -229,6 +464,11 @@ thread_local! {
     static PAYLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     static PLANES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     static CHUNK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    // A delta's base while it is compared (save), a delta's patch (save and
+    // restore) and its compressed frame (save).
+    static BASE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static DELTA: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static FRAME: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Runs `f` with a per-thread buffer of exactly `len` bytes (contents
@@ -490,11 +730,65 @@ const MAP_RAW_MIN: u64 = 1 << 20;
 /// what a load does before it allocates its arrays, so that a manifest that
 /// names missing, foreign or mismatched chunks fails before a large
 /// allocation and before a byte of the caller's arrays is overwritten.
-pub fn probe(backend: &dyn Backend, chunks: &[ChunkRef], threads: Option<usize>) -> Result<()> {
+/// Delta chains are followed (headers only). With `listed` (every object a
+/// manifest lists, with the base it records for it), each chunk of a chain
+/// must be listed with exactly the base its header names, so that nothing
+/// outside the manifest is read and gc (which keeps what manifests list)
+/// never deletes a base a version needs.
+pub fn probe(
+    backend: &dyn Backend,
+    chunks: &[ChunkRef],
+    threads: Option<usize>,
+    listed: Option<&std::collections::HashMap<ObjectId, Option<ObjectId>>>,
+) -> Result<()> {
     pool::run_with(threads, || {
-        chunks
-            .par_iter()
-            .try_for_each(|c| read_header(backend, c).map(|_| ()))
+        chunks.par_iter().try_for_each(|c| {
+            let mut id = c.id;
+            let mut header = read_header(backend, c)?;
+            loop {
+                let base = header.delta.map(|d| d.base);
+                if let Some(listed) = listed {
+                    match listed.get(&id) {
+                        Some(recorded) if *recorded == base => {}
+                        _ => {
+                            return Err(Error::Format {
+                                object: id.hex(),
+                                detail: match base {
+                                    Some(b) => format!(
+                                        "a delta on {b}, which the manifest does not record for it"
+                                    ),
+                                    None => {
+                                        "the manifest lists it with a base, but it is a full chunk"
+                                            .to_string()
+                                    }
+                                },
+                            })
+                        }
+                    }
+                }
+                let Some(d) = header.delta else {
+                    return Ok(());
+                };
+                let r = ChunkRef {
+                    id: d.base,
+                    raw_len: c.raw_len,
+                };
+                let next = read_header(backend, &r)?;
+                if next.depth() + 1 != d.depth {
+                    return Err(Error::Format {
+                        object: id.hex(),
+                        detail: format!(
+                            "delta of depth {} on base {} of depth {}",
+                            d.depth,
+                            d.base,
+                            next.depth()
+                        ),
+                    });
+                }
+                id = d.base;
+                header = next;
+            }
+        })
     })?
 }
 
@@ -514,28 +808,84 @@ fn decode_chunk(
     opened: &Opened,
     out: &mut [u8],
 ) -> Result<()> {
-    let object = c.id.hex();
     if out.len() as u64 != c.raw_len {
         return Err(Error::Invalid(format!(
-            "a target of {} bytes for chunk {object} of {} bytes",
+            "a target of {} bytes for chunk {} of {} bytes",
             out.len(),
+            c.id,
             c.raw_len
         )));
     }
+    let mut hasher = blake3::Hasher::new();
+    decode_raw(backend, c, opened, out, Some(&mut hasher))?;
+    let actual = ObjectId(*hasher.finalize().as_bytes());
+    if actual != c.id {
+        if opened.header.delta.is_some() {
+            return Err(damaged_link(backend, c));
+        }
+        return Err(Error::Integrity {
+            object: c.id.hex(),
+            detail: format!("content hashes to {actual}"),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes chunk `c` into `out` (exactly its raw length) without checking
+/// its hash; a delta chunk decodes its base into `out` first, then applies
+/// itself. With a `hasher`, the final bytes are fed to it in order.
+fn decode_raw(
+    backend: &dyn Backend,
+    c: &ChunkRef,
+    opened: &Opened,
+    out: &mut [u8],
+    hasher: Option<&mut blake3::Hasher>,
+) -> Result<()> {
+    let object = c.id.hex();
     let header = &opened.header;
     let start = header.header_len() as u64;
-    let mut hasher = blake3::Hasher::new();
-    let decode_from = |payload: &[u8], hasher: &mut blake3::Hasher, out: &mut [u8]| {
+    if let Some(d) = header.delta {
+        let bref = ChunkRef {
+            id: d.base,
+            raw_len: c.raw_len,
+        };
+        let base = open_chunk(backend, &bref)?;
+        if base.header.depth() + 1 != d.depth {
+            return Err(Error::Format {
+                object,
+                detail: format!(
+                    "delta of depth {} on base {} of depth {}",
+                    d.depth,
+                    d.base,
+                    base.header.depth()
+                ),
+            });
+        }
+        decode_raw(backend, &bref, &base, out, None)?;
+        let apply = |payload: &[u8], out: &mut [u8]| {
+            with_vec(&DELTA, |scratch| {
+                chunk::apply_delta(header, payload, &object, out, scratch, hasher)
+            })
+        };
+        return match &opened.mapped {
+            Some(m) => apply(&m[start as usize..], out),
+            None => with_buffer(&PAYLOAD, (opened.size - start) as usize, |payload| {
+                let (got, _) = backend.read_at(&c.id, start, payload)?;
+                apply(&payload[..got], out)
+            }),
+        };
+    }
+    let decode_from = |payload: &[u8], out: &mut [u8], hasher: Option<&mut blake3::Hasher>| {
         let mut planes = PLANES.with(|cell| cell.take());
-        let decoded =
-            chunk::decode_payload(header, payload, &object, out, &mut planes, Some(hasher));
+        let decoded = chunk::decode_payload(header, payload, &object, out, &mut planes, hasher);
         PLANES.with(|cell| cell.set(planes));
         decoded
     };
     if let Some(m) = &opened.mapped {
-        decode_from(&m[start as usize..], &mut hasher, out)?;
+        decode_from(&m[start as usize..], out, hasher)?;
     } else if header.filter == Filter::None && header.planes[0].0 == Codec::Raw {
         // Read and hash a cache-sized piece at a time: one pass over `out`.
+        let mut hasher = hasher;
         let mut done = 0usize;
         while done < out.len() {
             let end = (done + RAW_READ_BLOCK).min(out.len());
@@ -550,15 +900,248 @@ fn decode_chunk(
                     ),
                 });
             }
-            hasher.update(&out[done..end]);
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&out[done..end]);
+            }
             done = end;
         }
     } else {
         let len = (opened.size - start) as usize;
         with_buffer(&PAYLOAD, len, |payload| {
             let (got, _) = backend.read_at(&c.id, start, payload)?;
-            decode_from(&payload[..got], &mut hasher, out)
+            decode_from(&payload[..got], out, hasher)
         })?;
+    }
+    Ok(())
+}
+
+/// The error for a delta chunk whose decoded bytes do not hash to its id:
+/// names the first object of its chain (from the full chunk up) whose
+/// result does not hash to its own id, i.e. the damaged one.
+fn damaged_link(backend: &dyn Backend, c: &ChunkRef) -> Error {
+    let mut chain: Vec<(ChunkRef, Opened)> = Vec::new();
+    let mut next = Some(c.id);
+    while let Some(id) = next {
+        let r = ChunkRef {
+            id,
+            raw_len: c.raw_len,
+        };
+        match open_chunk(backend, &r) {
+            Ok(o) => {
+                next = o.header.delta.map(|d| d.base);
+                chain.push((r, o));
+            }
+            Err(e) => return e,
+        }
+        if chain.len() > chunk::MAX_DELTA_DEPTH as usize + 1 {
+            break;
+        }
+    }
+    let mut buf = vec![0u8; c.raw_len as usize];
+    for (r, o) in chain.iter().rev() {
+        let mut hasher = blake3::Hasher::new();
+        let step = if o.header.delta.is_some() {
+            // `buf` holds the (verified) bytes of this link's base
+            let start = o.header.header_len() as u64;
+            let mut payload = vec![0u8; (o.size - start) as usize];
+            let mut scratch = Vec::new();
+            backend.read_at(&r.id, start, &mut payload).and_then(|_| {
+                chunk::apply_delta(
+                    &o.header,
+                    &payload,
+                    &r.id.hex(),
+                    &mut buf,
+                    &mut scratch,
+                    Some(&mut hasher),
+                )
+            })
+        } else {
+            decode_raw(backend, r, o, &mut buf, Some(&mut hasher))
+        };
+        if let Err(e) = step {
+            return e;
+        }
+        let actual = ObjectId(*hasher.finalize().as_bytes());
+        if actual != r.id {
+            let detail = if r.id == c.id {
+                format!("content hashes to {actual}")
+            } else {
+                format!(
+                    "content hashes to {actual} (the base of delta chunk {})",
+                    c.id
+                )
+            };
+            return Error::Integrity {
+                object: r.id.hex(),
+                detail,
+            };
+        }
+    }
+    Error::Integrity {
+        object: c.id.hex(),
+        detail: "content does not hash to its id".into(),
+    }
+}
+
+/// Re-reads and re-hashes chunks; returns `None` per sound chunk, the error otherwise.
+///
+/// Delta chains are walked from their full chunk up, each link applied to
+/// the bytes of the one below it (verified just before), so a chain of `d`
+/// deltas costs `d + 1` decodes rather than one per link and depth.
+pub fn verify(
+    backend: &dyn Backend,
+    chunks: &[ChunkRef],
+    threads: Option<usize>,
+) -> Result<Vec<Option<Error>>> {
+    pool::run_with(threads, || {
+        // A chunk's base, when it is a delta on another chunk of this list.
+        let index: std::collections::HashMap<ObjectId, usize> =
+            chunks.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        let parents: Vec<Option<usize>> = chunks
+            .par_iter()
+            .map(|c| {
+                let base = read_header(backend, c).ok()?.delta?.base;
+                index
+                    .get(&base)
+                    .copied()
+                    .filter(|&b| chunks[b].raw_len == c.raw_len)
+            })
+            .collect();
+        let mut children: Vec<Vec<usize>> = vec![Vec::new(); chunks.len()];
+        for (i, p) in parents.iter().enumerate() {
+            if let Some(p) = *p {
+                if p != i {
+                    children[p].push(i);
+                }
+            }
+        }
+        let roots: Vec<usize> = (0..chunks.len())
+            .filter(|&i| parents[i].is_none_or(|p| p == i))
+            .collect();
+        let results: Vec<Vec<(usize, Option<Error>)>> = roots
+            .par_iter()
+            .map(|&r| {
+                let mut out = Vec::new();
+                verify_tree(backend, chunks, &children, r, &mut out);
+                out
+            })
+            .collect();
+        let mut report: Vec<Option<Option<Error>>> = (0..chunks.len()).map(|_| None).collect();
+        for (i, e) in results.into_iter().flatten() {
+            report[i] = Some(e);
+        }
+        // Anything not reached from a root (a cycle of damaged headers) on its own.
+        report
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.unwrap_or_else(|| verify_one(backend, &chunks[i]).err()))
+            .collect()
+    })
+}
+
+fn verify_one(backend: &dyn Backend, c: &ChunkRef) -> Result<()> {
+    // The header first: the scratch is sized by a checked raw length.
+    let opened = open_chunk(backend, c)?;
+    with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
+        decode_chunk(backend, c, &opened, scratch)
+    })
+}
+
+/// Verifies chunk `root` and the deltas built on it (depth first), each
+/// delta applied to a copy of its verified base's bytes. A delta whose base
+/// failed is verified on its own (its error then names the damaged link).
+fn verify_tree(
+    backend: &dyn Backend,
+    chunks: &[ChunkRef],
+    children: &[Vec<usize>],
+    root: usize,
+    out: &mut Vec<(usize, Option<Error>)>,
+) {
+    let c = &chunks[root];
+    let mut buf = Vec::new();
+    // The header first: the buffer is sized by a checked raw length.
+    let first = open_chunk(backend, c).and_then(|o| {
+        if buf.try_reserve_exact(c.raw_len as usize).is_err() {
+            return Err(Error::OutOfMemory { bytes: c.raw_len });
+        }
+        buf.resize(c.raw_len as usize, 0);
+        decode_chunk(backend, c, &o, &mut buf)?;
+        Ok(o.header.depth())
+    });
+    let ok = first.is_ok();
+    let depth = *first.as_ref().unwrap_or(&0);
+    out.push((root, first.err()));
+    // (node, the verified bytes of its base) still to do
+    let mut stack: Vec<(usize, std::sync::Arc<Vec<u8>>, u32)> = Vec::new();
+    let base = std::sync::Arc::new(buf);
+    for &k in &children[root] {
+        if ok {
+            stack.push((k, base.clone(), depth));
+        } else {
+            mark_subtree(backend, chunks, children, k, out);
+        }
+    }
+    while let Some((i, base, base_depth)) = stack.pop() {
+        let c = &chunks[i];
+        let mut bytes = std::sync::Arc::try_unwrap(base).unwrap_or_else(|shared| (*shared).clone());
+        let result = apply_verified(backend, c, &mut bytes, base_depth + 1);
+        let ok = result.is_ok();
+        out.push((i, result.err()));
+        let bytes = std::sync::Arc::new(bytes);
+        for &k in &children[i] {
+            if ok {
+                stack.push((k, bytes.clone(), base_depth + 1));
+            } else {
+                mark_subtree(backend, chunks, children, k, out);
+            }
+        }
+    }
+}
+
+/// Verifies chunk `i` and every delta above it on their own.
+fn mark_subtree(
+    backend: &dyn Backend,
+    chunks: &[ChunkRef],
+    children: &[Vec<usize>],
+    i: usize,
+    out: &mut Vec<(usize, Option<Error>)>,
+) {
+    let mut todo = vec![i];
+    while let Some(i) = todo.pop() {
+        out.push((i, verify_one(backend, &chunks[i]).err()));
+        todo.extend(&children[i]);
+    }
+}
+
+/// Applies delta chunk `c` to `bytes` (its base's verified bytes) and checks
+/// its recorded depth and the result's hash.
+fn apply_verified(backend: &dyn Backend, c: &ChunkRef, bytes: &mut [u8], depth: u32) -> Result<()> {
+    let opened = open_chunk(backend, c)?;
+    let header = &opened.header;
+    if header.depth() != depth {
+        return Err(Error::Format {
+            object: c.id.hex(),
+            detail: format!(
+                "delta of depth {} on a base of depth {}",
+                header.depth(),
+                depth - 1
+            ),
+        });
+    }
+    let start = header.header_len();
+    let object = c.id.hex();
+    let mut hasher = blake3::Hasher::new();
+    let apply = |payload: &[u8], hasher: &mut blake3::Hasher, bytes: &mut [u8]| {
+        with_vec(&DELTA, |scratch| {
+            chunk::apply_delta(header, payload, &object, bytes, scratch, Some(hasher))
+        })
+    };
+    match &opened.mapped {
+        Some(m) => apply(&m[start..], &mut hasher, bytes)?,
+        None => with_buffer(&PAYLOAD, (opened.size - start as u64) as usize, |payload| {
+            let (got, _) = backend.read_at(&c.id, start as u64, payload)?;
+            apply(&payload[..got], &mut hasher, bytes)
+        })?,
     }
     let actual = ObjectId(*hasher.finalize().as_bytes());
     if actual != c.id {
@@ -568,27 +1151,6 @@ fn decode_chunk(
         });
     }
     Ok(())
-}
-
-/// Re-reads and re-hashes chunks; returns `None` per sound chunk, the error otherwise.
-pub fn verify(
-    backend: &dyn Backend,
-    chunks: &[ChunkRef],
-    threads: Option<usize>,
-) -> Result<Vec<Option<Error>>> {
-    pool::run_with(threads, || {
-        chunks
-            .par_iter()
-            .map(|c| {
-                // The header first: the scratch is sized by a checked raw length.
-                let opened = open_chunk(backend, c)?;
-                with_buffer(&CHUNK, c.raw_len as usize, |scratch| {
-                    decode_chunk(backend, c, &opened, scratch)
-                })
-            })
-            .map(Result::err)
-            .collect()
-    })
 }
 
 #[cfg(test)]
@@ -662,7 +1224,11 @@ mod tests {
         ];
         let tensors: Vec<TensorIn> = tensors_data
             .iter()
-            .map(|d| TensorIn { data: d, group: 4 })
+            .map(|d| TensorIn {
+                data: d,
+                group: 4,
+                bases: &[],
+            })
             .collect();
         let lens: Vec<usize> = tensors_data.iter().map(|d| d.len()).collect();
         let saved = save(&fs, &tensors, &opts(1)).unwrap();
@@ -682,6 +1248,7 @@ mod tests {
                 .iter()
                 .map(|c| ChunkInfo {
                     written: false,
+                    base: None,
                     ..c.clone()
                 })
                 .collect::<Vec<_>>()
@@ -707,7 +1274,16 @@ mod tests {
     fn flipped_byte_is_an_integrity_error_naming_the_object() {
         let (dir, fs) = store();
         let d = data(100_000, 9);
-        let saved = save(&fs, &[TensorIn { data: &d, group: 1 }], &opts(1)).unwrap();
+        let saved = save(
+            &fs,
+            &[TensorIn {
+                data: &d,
+                group: 1,
+                bases: &[],
+            }],
+            &opts(1),
+        )
+        .unwrap();
         let victim = saved.chunks[0].id.hex();
         let path = dir
             .path()
@@ -738,7 +1314,16 @@ mod tests {
     fn wrong_sized_targets_are_refused_before_writing() {
         let (_dir, fs) = store();
         let d = data(10_000, 5);
-        let saved = save(&fs, &[TensorIn { data: &d, group: 1 }], &opts(1)).unwrap();
+        let saved = save(
+            &fs,
+            &[TensorIn {
+                data: &d,
+                group: 1,
+                bases: &[],
+            }],
+            &opts(1),
+        )
+        .unwrap();
         let chunks = vec![ChunkRef {
             id: saved.chunks[0].id,
             raw_len: saved.chunks[0].raw_len,
