@@ -24,6 +24,32 @@ def test_async_save_copies_the_leaves_and_commits_in_the_background(tmp_path: Pa
     s.close()
 
 
+def test_back_to_back_async_saves_reuse_the_staging_buffer_safely(tmp_path: Path) -> None:
+    s = ckpt.Store(tmp_path / "s")
+    rng = np.random.default_rng(0)
+    model = {"a": rng.standard_normal(300_000).astype(np.float32), "b": np.arange(7)}
+    expected = []
+    handles = []
+    for k in range(4):
+        # the next save starts while the previous one may still run; it waits
+        # for it before its copy overwrites the staging buffer
+        handles.append(s.save(model, step=k, blocking=False))
+        expected.append({name: a.copy() for name, a in model.items()})
+        model["a"] += 1.0  # training changes the weights right after the call
+        model["b"] = np.arange(7 + k)  # a leaf that changes size
+        if k == 2:
+            model["c"] = rng.standard_normal(500_000)  # a bigger state: a bigger buffer
+    for h, want in zip(handles, expected, strict=True):
+        v = h.wait()
+        got = s.load(v)
+        assert set(got) == set(want)
+        for name, a in want.items():
+            assert got[name].tobytes() == a.tobytes()
+    assert s._staging is not None
+    s.close()
+    assert s._staging is None
+
+
 def test_copy_false_shares_the_callers_memory_until_wait(tmp_path: Path) -> None:
     s = ckpt.Store(tmp_path / "s")
     w = np.ones(10, np.float32)

@@ -247,6 +247,7 @@ class Store:
             )
         self.delta_depth = delta_depth
         self._last_manifest: tuple[int, dict[str, Any]] | None = None
+        self._staging: np.ndarray[Any, Any] | None = None
         self.level = int(level)
         self.min_saving = float(min_saving)
         self.durable = bool(durable)
@@ -534,8 +535,10 @@ class Store:
         after a power loss) and the :class:`Version` is returned.
 
         With ``blocking=False`` the call validates the tree, copies the leaves
-        to host memory (training may change them right away) and returns a
-        :class:`SaveHandle`; hashing, compression, writes and the commit run
+        to host memory (training may change them right away; the copies go
+        to a staging buffer the store keeps for its next background save
+        until :meth:`close`, so the host holds one extra copy of the state)
+        and returns a :class:`SaveHandle`; hashing, compression, writes and the commit run
         on the store's background thread, with the GIL released for the heavy
         part. An error surfaces on ``handle.wait()`` and is raised again by
         the next ``save`` (which then does not save); a failed background save
@@ -586,10 +589,16 @@ class Store:
                 names.append(leaf.dtype_name or npa.dtype_name(leaf.array.dtype))
             except TypeError as exc:
                 raise TypeError(f"leaf {leaf.path!r}: {exc}") from None
-            array = npa.as_saveable(leaf.array)
-            if not blocking and copy and np.may_share_memory(array, leaf.array):
-                array = array.copy()  # the caller may change the leaf right away
-            arrays.append(array)
+            arrays.append(npa.as_saveable(leaf.array))
+        if not blocking and copy:
+            # the caller may change the leaves right away
+            arrays = self._stage(
+                arrays,
+                [
+                    np.may_share_memory(a, leaf.array)
+                    for a, leaf in zip(arrays, leaves, strict=True)
+                ],
+            )
         job = functools.partial(
             self._write_version, started, leaves, names, arrays, skeleton,
             step, epoch, enc_metrics, meta, trainer,
@@ -734,6 +743,35 @@ class Store:
         self._pending = handle
         return handle
 
+    def _stage(
+        self, arrays: list[np.ndarray[Any, Any]], shared: list[bool]
+    ) -> list[np.ndarray[Any, Any]]:
+        """Copies the arrays that share the caller's memory into one staging
+        buffer, which the next background save reuses (the previous one has
+        finished by then: ``save`` waits for it first). Copying into memory
+        that is already mapped costs a fraction of faulting in fresh pages;
+        the buffer lives until :meth:`close`."""
+        aligned = [
+            (a.nbytes + 63) & ~63 if want else 0 for a, want in zip(arrays, shared, strict=True)
+        ]
+        total = sum(aligned)
+        if total == 0:
+            return arrays
+        if self._staging is None or self._staging.nbytes < total:
+            self._staging = None  # free the old one before allocating the new one
+            self._staging = np.empty(total, np.uint8)
+        out = []
+        offset = 0
+        for a, n in zip(arrays, aligned, strict=True):
+            if n == 0:
+                out.append(a)
+                continue
+            staged = self._staging[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
+            np.copyto(staged, a, casting="no")
+            out.append(staged)
+            offset += n
+        return out
+
     def _raise_pending(self) -> None:
         """Waits for the previous background save; raises its error (once)."""
         handle, self._pending = self._pending, None
@@ -749,6 +787,7 @@ class Store:
         try:
             self._raise_pending()
         finally:
+            self._staging = None
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None

@@ -274,7 +274,13 @@ pub fn commit_file(root: &Path, dir: &str, name: &str, data: &[u8], durable: boo
                 .and_then(|()| fault::point(after_fsync))
                 .map_err(|e| Error::io("fsync", &tmp, e))?;
         }
-        fs::rename(&tmp, &last).map_err(|e| Error::io("rename", &last, e))
+        if manifest {
+            // A committed version is never replaced, even by a writer that
+            // ignored the lock: the commit fails instead.
+            rename_noreplace(&tmp, &last).map_err(|e| Error::io("rename", &last, e))
+        } else {
+            fs::rename(&tmp, &last).map_err(|e| Error::io("rename", &last, e))
+        }
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -295,6 +301,38 @@ pub fn commit_file(root: &Path, dir: &str, name: &str, data: &[u8], durable: boo
         // A kill point only: after it nothing can fail.
         let _ = fault::point("manifest.after_dir_fsync");
     }
+    Ok(())
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`):
+/// `renameat2(RENAME_NOREPLACE)` on Linux, else (or where the file system
+/// lacks it) a hard link, which fails on an existing name, then an unlink.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (a, b) = (c(from)?, c(to)?);
+        // SAFETY: two NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    fs::hard_link(from, to)?;
+    let _ = fs::remove_file(from);
     Ok(())
 }
 
@@ -551,5 +589,32 @@ impl Backend for LocalFs {
             return Ok(Some(free));
         }
         statvfs_free(&self.objects()).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_committed_manifest_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["versions", "tmp"] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        commit_file(dir.path(), "versions", "000000000001.json", b"first", true).unwrap();
+        let err =
+            commit_file(dir.path(), "versions", "000000000001.json", b"second", true).unwrap_err();
+        match err {
+            Error::Io { source, .. } => assert_eq!(source.kind(), ErrorKind::AlreadyExists),
+            e => panic!("unexpected {e:?}"),
+        }
+        let path = dir.path().join("versions").join("000000000001.json");
+        assert_eq!(fs::read(path).unwrap(), b"first");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // other store files are replaced as before (e.g. last-id)
+        commit_file(dir.path(), "", "last-id", b"1\n", true).unwrap();
+        commit_file(dir.path(), "", "last-id", b"2\n", true).unwrap();
+        assert_eq!(fs::read(dir.path().join("last-id")).unwrap(), b"2\n");
     }
 }
