@@ -854,10 +854,26 @@ fn decode_plane(codec: Codec, src: &[u8], dst: &mut [u8], i: usize, object: &str
                     })
                 }
             }
-            let got = zstd::bulk::decompress_to_buffer(src, dst).map_err(|e| Error::Integrity {
-                object: object.to_string(),
-                detail: format!("plane {i}: zstd: {e}"),
-            })?;
+            thread_local! {
+                // One decompression context per thread (creating one per
+                // plane showed in profiles of small models).
+                static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                    const { std::cell::RefCell::new(None) };
+            }
+            let got = DCTX
+                .with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    slot.as_mut()
+                        .expect("set above")
+                        .decompress_to_buffer(src, dst)
+                })
+                .map_err(|e| Error::Integrity {
+                    object: object.to_string(),
+                    detail: format!("plane {i}: zstd: {e}"),
+                })?;
             if got != dst.len() {
                 return Err(Error::Integrity {
                     object: object.to_string(),
