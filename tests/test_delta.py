@@ -363,3 +363,52 @@ def test_any_edit_sequence_round_trips(
             store.delete(vid)
     store.gc()
     assert store.load(newest)["emb"].tobytes() == saved[newest]
+
+
+# ---------------------------------------------------------------- fingerprints
+def engine_save(root: str, data: bytes, bases: list[tuple[int, int, str, int | None]]) -> Any:
+    return ckpt._core.save_chunks(
+        root,
+        [data],
+        [4],
+        chunk_size=256 << 10,
+        small_threshold=64 << 10,
+        level=1,
+        min_saving=0.05,
+        durable=False,
+        bases=[bases],
+    )
+
+
+def test_a_matching_fingerprint_stands_in_for_the_blake3_pass(tmp_path: Path) -> None:
+    root = ckpt.Store(tmp_path / "s").root
+    x = table(1)[:4096].tobytes()  # 256 KiB: one chunk
+    y = table(2)[:4096].tobytes()
+    (cx, *_), _, _ = engine_save(root, x, [])
+    (cy, *_), _, _ = engine_save(root, y, [])
+    fx = cx[5]
+    assert isinstance(fx, int) and fx != cy[5]
+    # offered y's id with x's fingerprint, the engine takes x to be y: proof
+    # that a match skips hashing (what the Store only ever offers for the
+    # parent's chunk at the same place, with that chunk's own fingerprint)
+    (got, *_), _, _ = engine_save(root, x, [(0, len(x), cy[0], fx)])
+    assert got[0] == cy[0]
+    # any other fingerprint, or none: the real id
+    for fp in (cy[5], None):
+        (got, *_), _, _ = engine_save(root, x, [(0, len(x), cy[0], fp)])
+        assert got[0] == cx[0] and got[5] == fx
+
+
+def test_saves_with_fingerprints_match_saves_without(tmp_path: Path) -> None:
+    fast = ckpt.Store(tmp_path / "fast", **CHUNKS)
+    slow = ckpt.Store(tmp_path / "slow", fingerprints=False, **CHUNKS)
+    t = table()
+    frozen = table(9)
+    for v in range(5):
+        if v:
+            touch_rows(t, v, frac=0.002 * v)
+        a = fast.save({"emb": t, "frozen": frozen})
+        b = slow.save({"emb": t, "frozen": frozen})
+        assert fast.manifest(a.id)["chunks"] == slow.manifest(b.id)["chunks"]
+        assert fast.load(a.id)["emb"].tobytes() == t.tobytes()
+    assert fast._fingerprints and all(isinstance(f, int) for f in fast._fingerprints.values())

@@ -28,10 +28,10 @@ def save_chunks(
     min_saving: float,
     durable: bool,
     threads: int | None = None,
-    bases: Sequence[Sequence[tuple[int, int, str]]] | None = None,
+    bases: Sequence[Sequence[tuple[int, int, str, int | None]]] | None = None,
     delta_depth: int = 0,
 ) -> tuple[
-    list[tuple[str, int, int, bool, str | None]],
+    list[tuple[str, int, int, bool, str | None, int | None]],
     list[list[tuple[int, int, int]]],
     list[tuple[str, int, int, str | None]],
 ]: ...

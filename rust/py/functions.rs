@@ -11,7 +11,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
-type SavedChunk = (String, u64, u64, bool, Option<String>);
+type SavedChunk = (String, u64, u64, bool, Option<String>, Option<u128>);
 type SavedSpan = (usize, u64, u64);
 type DepChunk = (String, u64, u64, Option<String>);
 type SaveResult = (Vec<SavedChunk>, Vec<Vec<SavedSpan>>, Vec<DepChunk>);
@@ -35,10 +35,13 @@ fn chunk_refs(chunks: &[(String, u64)]) -> PyResult<Vec<ChunkRef>> {
 /// Saves the bytes of `buffers` as chunks under the store `root`.
 ///
 /// `bases` (optional, one list per buffer) offers chunks of an earlier
-/// version `(offset, len, id)` that new chunks covering exactly those bytes
-/// may be stored as deltas against, in chains of at most `delta_depth`.
+/// version `(offset, len, id, fingerprint or None)` that new chunks covering
+/// exactly those bytes may be stored as deltas against, in chains of at most
+/// `delta_depth`, and that such a chunk is taken to be when its XXH3-128
+/// fingerprint matches (no BLAKE3 pass).
 ///
-/// Returns the distinct chunks `(id, raw_len, stored_len, written, base)`,
+/// Returns the distinct chunks `(id, raw_len, stored_len, written, base,
+/// fingerprint)`,
 /// per buffer its spans `(chunk index, offset in chunk, length)` in byte
 /// order, and the delta bases that are not chunks themselves
 /// `(id, raw_len, stored_len, base)` (every object a reader needs).
@@ -56,7 +59,7 @@ pub fn save_chunks(
     min_saving: f64,
     durable: bool,
     threads: Option<usize>,
-    bases: Option<Vec<Vec<(u64, u64, String)>>>,
+    bases: Option<Vec<Vec<(u64, u64, String, Option<u128>)>>>,
     delta_depth: u32,
 ) -> PyResult<SaveResult> {
     if groups.len() != buffers.len() {
@@ -79,11 +82,12 @@ pub fn save_chunks(
             .iter()
             .map(|list| {
                 list.iter()
-                    .map(|(offset, len, id)| {
+                    .map(|(offset, len, id, fingerprint)| {
                         Ok(BaseRef {
                             offset: *offset,
                             len: *len,
                             id: parse_id(id)?,
+                            fingerprint: *fingerprint,
                         })
                     })
                     .collect::<PyResult<Vec<_>>>()
@@ -122,7 +126,14 @@ pub fn save_chunks(
         .iter()
         .map(|c| {
             let base = c.base.map(|b| b.hex());
-            (c.id.hex(), c.raw_len, c.stored_len, c.written, base)
+            (
+                c.id.hex(),
+                c.raw_len,
+                c.stored_len,
+                c.written,
+                base,
+                c.fingerprint,
+            )
         })
         .collect();
     let spans = saved

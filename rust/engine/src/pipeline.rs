@@ -24,12 +24,19 @@ pub struct TensorIn<'a> {
 }
 
 /// Bytes `[offset, offset + len)` of a tensor were chunk `id` in an earlier
-/// version: a new chunk covering exactly those bytes may become a delta on it.
+/// version: a new chunk covering exactly those bytes may become a delta on
+/// it, and when its XXH3-128 `fingerprint` (of chunk `id`'s raw bytes) is
+/// known and the new bytes have the same one, they are taken to be chunk
+/// `id` without BLAKE3-hashing them. Only a 128-bit collision between the
+/// new bytes and that one chunk (about 2^-128 for bytes nobody crafted)
+/// could make the version keep the old bytes; whoever could craft one
+/// controls the tensor's values anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BaseRef {
     pub offset: u64,
     pub len: u64,
     pub id: ObjectId,
+    pub fingerprint: Option<u128>,
 }
 
 /// Options of [`save`].
@@ -52,6 +59,9 @@ pub struct ChunkInfo {
     pub written: bool,
     /// The base of a delta chunk (which a reader needs as well).
     pub base: Option<ObjectId>,
+    /// XXH3-128 of the raw bytes, for chunks that are one piece of one
+    /// tensor of at least [`FINGERPRINT_MIN`] bytes (see [`BaseRef`]).
+    pub fingerprint: Option<u128>,
 }
 
 /// Where a tensor's bytes are: `len` bytes at `offset` of chunk `chunk`
@@ -86,20 +96,21 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
     let sizes: Vec<(usize, usize)> = tensors.iter().map(|t| (t.data.len(), t.group)).collect();
     let planned = plan(&sizes, opts.chunks);
     let claimed: Mutex<HashSet<ObjectId>> = Mutex::new(HashSet::new());
-    let results: Vec<(ObjectId, ChunkOutcome)> = pool::run_with(opts.threads, || {
-        check_space(backend, tensors, &planned)?;
-        planned
-            .par_iter()
-            .map(|c| save_chunk(backend, tensors, c, opts, &claimed))
-            .collect::<Result<Vec<_>>>()
-    })??;
+    let results: Vec<(ObjectId, Option<u128>, ChunkOutcome)> =
+        pool::run_with(opts.threads, || {
+            check_space(backend, tensors, &planned)?;
+            planned
+                .par_iter()
+                .map(|c| save_chunk(backend, tensors, c, opts, &claimed))
+                .collect::<Result<Vec<_>>>()
+        })??;
     backend.flush()?;
 
     // Distinct chunks in first-use order; duplicates take the first one's sizes.
     let mut index: std::collections::HashMap<ObjectId, usize> = Default::default();
     let mut chunks: Vec<ChunkInfo> = Vec::new();
     let mut chunk_of_plan = Vec::with_capacity(planned.len());
-    for (i, (id, info)) in results.iter().enumerate() {
+    for (i, (id, fingerprint, info)) in results.iter().enumerate() {
         let slot = *index.entry(*id).or_insert_with(|| {
             chunks.push(ChunkInfo {
                 id: *id,
@@ -107,9 +118,13 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
                 stored_len: 0,
                 written: false,
                 base: None,
+                fingerprint: None,
             });
             chunks.len() - 1
         });
+        if fingerprint.is_some() {
+            chunks[slot].fingerprint = *fingerprint;
+        }
         if let Some((stored, written, base)) = info {
             chunks[slot].stored_len = *stored;
             chunks[slot].written |= *written;
@@ -165,6 +180,7 @@ fn chain_deps(
                 stored_len: header.file_len(),
                 written: false,
                 base,
+                fingerprint: None,
             });
             next = base;
         }
@@ -262,11 +278,11 @@ fn save_chunk(
     c: &PlannedChunk,
     opts: &SaveOptions,
     claimed: &Mutex<HashSet<ObjectId>>,
-) -> Result<(ObjectId, ChunkOutcome)> {
+) -> Result<(ObjectId, Option<u128>, ChunkOutcome)> {
     let raw = chunk_bytes(tensors, c);
-    let id = ObjectId::of(&raw);
+    let (id, fingerprint) = identify(tensors, c, &raw);
     if !claimed.lock().expect("claim lock").insert(id) {
-        return Ok((id, None));
+        return Ok((id, fingerprint, None));
     }
     if let Some(size) = backend.stored_size(&id)? {
         // A delta object's base must be listed by the version as well.
@@ -278,7 +294,7 @@ fn save_chunk(
         let base = read_header(backend, &r)
             .ok()
             .and_then(|h| h.delta.map(|d| d.base));
-        return Ok((id, Some((size, false, base))));
+        return Ok((id, fingerprint, Some((size, false, base))));
     }
     if let Some((header, frame_len, delta)) = try_delta(backend, tensors, c, &raw, opts)? {
         let written = FRAME.with(|cell| {
@@ -289,7 +305,7 @@ fn save_chunk(
         });
         written?;
         let stored = (header.len() + frame_len) as u64;
-        return Ok((id, Some((stored, true, Some(delta.base)))));
+        return Ok((id, fingerprint, Some((stored, true, Some(delta.base)))));
     }
     let mut encoder = match ENCODER.with(|cell| cell.take()) {
         Some(e) => e,
@@ -304,7 +320,43 @@ fn save_chunk(
         Ok(enc.stored_len)
     })();
     ENCODER.with(|cell| cell.set(Some(encoder)));
-    Ok((id, Some((written?, true, None))))
+    Ok((id, fingerprint, Some((written?, true, None))))
+}
+
+/// Chunks of at least this many bytes that are one piece of one tensor get
+/// a fingerprint (see [`BaseRef`]).
+pub const FINGERPRINT_MIN: usize = 64 << 10;
+
+/// The id of a planned chunk and, for one-piece chunks, its fingerprint:
+/// taken from the tensor's [`BaseRef`] when the fingerprints agree (no
+/// BLAKE3 pass), else BLAKE3 and XXH3 computed in one pass over the bytes.
+fn identify(tensors: &[TensorIn<'_>], c: &PlannedChunk, raw: &[u8]) -> (ObjectId, Option<u128>) {
+    if c.pieces.len() != 1 || raw.len() < FINGERPRINT_MIN {
+        return (ObjectId::of(raw), None);
+    }
+    let p = c.pieces[0];
+    let known = tensors[p.tensor]
+        .bases
+        .iter()
+        .find(|b| b.offset == p.offset as u64 && b.len == p.len as u64 && b.fingerprint.is_some());
+    if let Some(k) = known {
+        let fingerprint = xxhash_rust::xxh3::xxh3_128(raw);
+        if Some(fingerprint) == k.fingerprint {
+            return (k.id, Some(fingerprint));
+        }
+        return (ObjectId::of(raw), Some(fingerprint));
+    }
+    // Both hashes from one read of the bytes, a cache-sized block at a time.
+    let mut blake = blake3::Hasher::new();
+    let mut xxh = xxhash_rust::xxh3::Xxh3::new();
+    for block in raw.chunks(256 << 10) {
+        blake.update(block);
+        xxh.update(block);
+    }
+    (
+        ObjectId(*blake.finalize().as_bytes()),
+        Some(xxh.digest128()),
+    )
 }
 
 /// Chunks smaller than this are never stored as deltas.
