@@ -15,6 +15,8 @@ type SavedChunk = (String, u64, u64, bool, Option<String>, Option<u128>);
 type SavedSpan = (usize, u64, u64);
 type DepChunk = (String, u64, u64, Option<String>);
 type SaveResult = (Vec<SavedChunk>, Vec<Vec<SavedSpan>>, Vec<DepChunk>);
+/// `(offset, len, id, fingerprint)` of an earlier chunk of one buffer.
+type OfferedBase = (u64, u64, String, Option<u128>);
 
 fn parse_id(text: &str) -> PyResult<ObjectId> {
     ObjectId::parse(text).map_err(to_py)
@@ -59,7 +61,7 @@ pub fn save_chunks(
     min_saving: f64,
     durable: bool,
     threads: Option<usize>,
-    bases: Option<Vec<Vec<(u64, u64, String, Option<u128>)>>>,
+    bases: Option<Vec<Vec<OfferedBase>>>,
     delta_depth: u32,
 ) -> PyResult<SaveResult> {
     if groups.len() != buffers.len() {
