@@ -412,3 +412,20 @@ def test_saves_with_fingerprints_match_saves_without(tmp_path: Path) -> None:
         assert fast.manifest(a.id)["chunks"] == slow.manifest(b.id)["chunks"]
         assert fast.load(a.id)["emb"].tobytes() == t.tobytes()
     assert fast._fingerprints and all(isinstance(f, int) for f in fast._fingerprints.values())
+
+
+def test_torch_parameters_get_deltas_and_load_as_torch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    store = ckpt.Store(tmp_path / "s", **CHUNKS)
+    emb = torch.nn.Embedding(ROWS, DIM)
+    saved = []
+    for v in range(3):
+        if v:
+            with torch.no_grad():
+                emb.weight[torch.arange(v, ROWS, 97)] += 1.0  # ~1% of the rows
+        saved.append((store.save({"emb": emb.state_dict()}).id, emb.weight.detach().clone()))
+    assert store.manifest(saved[-1][0])["version"] == 2
+    for vid, want in saved:
+        got = store.load(vid)["emb"]["weight"]
+        assert isinstance(got, torch.Tensor)
+        assert torch.equal(got, want)
