@@ -492,25 +492,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def import_torch(args: argparse.Namespace) -> tuple[Any, str]:
-    if args.torch == "off" or (args.torch == "auto" and args.tiny):
-        return None, "torch off (--tiny; --torch on to include it)"
-    try:
-        import torch
-    except ImportError:
-        if args.torch == "on":
-            sys.exit("--torch on: torch is not importable")
-        return None, "torch is not importable"
-    return torch, ""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     parent = args.workdir or "/tmp"
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="ckpt-bench-async-", dir=parent)
-    torch_mod, torch_why = import_torch(args)
+    torch_mod, torch_why = bs.torch_or_reason(args.torch, args.tiny)
     info = bs.machine_info(workdir, torch_mod)
     results: dict[str, Any] = {}
     try:

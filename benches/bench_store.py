@@ -1899,12 +1899,17 @@ def import_torch(args: argparse.Namespace) -> tuple[Any, str]:
     """torch, or None and why not."""
     if "torch" not in args.peer_list or args.sweep:
         return None, "torch peer not requested"
-    if args.torch == "off" or (args.torch == "auto" and args.tiny):
-        return None, "torch peer off (--tiny; --torch on to include it)"
+    return torch_or_reason(args.torch, args.tiny)
+
+
+def torch_or_reason(mode: str, tiny: bool) -> tuple[Any, str]:
+    """torch for ``--torch`` ``mode`` (auto = when importable and not tiny), or None and why not."""
+    if mode == "off" or (mode == "auto" and tiny):
+        return None, "torch off (--tiny; --torch on to include it)"
     try:
         import torch
     except ImportError:
-        if args.torch == "on":
+        if mode == "on":
             sys.exit("--torch on: torch is not importable")
         return None, "torch is not importable"
     return torch, ""

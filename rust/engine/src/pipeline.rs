@@ -1235,6 +1235,16 @@ mod tests {
         }
     }
 
+    /// One ungrouped tensor, one thread.
+    fn save_one(fs: &LocalFs, d: &[u8]) -> Saved {
+        let t = TensorIn {
+            data: d,
+            group: 1,
+            bases: &[],
+        };
+        save(fs, &[t], &opts(1)).unwrap()
+    }
+
     fn restore_all(fs: &LocalFs, saved: &Saved, lens: &[usize]) -> Vec<Vec<u8>> {
         let chunks: Vec<ChunkRef> = saved
             .chunks
@@ -1326,16 +1336,7 @@ mod tests {
     fn flipped_byte_is_an_integrity_error_naming_the_object() {
         let (dir, fs) = store();
         let d = data(100_000, 9);
-        let saved = save(
-            &fs,
-            &[TensorIn {
-                data: &d,
-                group: 1,
-                bases: &[],
-            }],
-            &opts(1),
-        )
-        .unwrap();
+        let saved = save_one(&fs, &d);
         let victim = saved.chunks[0].id.hex();
         let path = dir
             .path()
@@ -1366,16 +1367,7 @@ mod tests {
     fn wrong_sized_targets_are_refused_before_writing() {
         let (_dir, fs) = store();
         let d = data(10_000, 5);
-        let saved = save(
-            &fs,
-            &[TensorIn {
-                data: &d,
-                group: 1,
-                bases: &[],
-            }],
-            &opts(1),
-        )
-        .unwrap();
+        let saved = save_one(&fs, &d);
         let chunks = vec![ChunkRef {
             id: saved.chunks[0].id,
             raw_len: saved.chunks[0].raw_len,
