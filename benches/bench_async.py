@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shutil
 import statistics
@@ -583,12 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": bs._strip(results),
             "wall_seconds": time.perf_counter() - started,
         }
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md)
-        print(f"wrote {args.out}/results.json and results.md", file=sys.stderr)
+        bs.write_results(args.out, payload, md)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 

@@ -2078,14 +2078,19 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": _strip(sweep),
             "wall_seconds": time.perf_counter() - started,
         }
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md)
-        print(f"wrote {args.out}/results.json and results.md", file=sys.stderr)
+        write_results(args.out, payload, md)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def write_results(out: str, payload: dict[str, Any], md: str) -> None:
+    """``results.json`` and ``results.md`` in ``out``."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    print(f"wrote {out}/results.json and results.md", file=sys.stderr)
 
 
 if __name__ == "__main__":
