@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::py::functions::{
-        commit_file, delete_objects, list_objects, probe_chunks, restore_chunks, save_chunks,
-        verify_chunks,
+        chunk_bases, commit_file, delete_objects, list_objects, probe_chunks, restore_chunks,
+        save_chunks, verify_chunks,
     };
 
     #[pymodule_init]

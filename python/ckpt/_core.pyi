@@ -4,6 +4,7 @@ from os import PathLike
 from typing import Any
 
 __all__ = [
+    "chunk_bases",
     "FAULT_POINTS",
     "__version__",
     "commit_file",
@@ -49,6 +50,12 @@ def verify_chunks(
     *,
     threads: int | None = None,
 ) -> list[tuple[str, str] | None]: ...
+def chunk_bases(
+    root: str | PathLike[str],
+    chunks: Sequence[tuple[str, int]],
+    *,
+    threads: int | None = None,
+) -> list[str | None]: ...
 def probe_chunks(
     root: str | PathLike[str],
     chunks: Sequence[tuple[str, int]],

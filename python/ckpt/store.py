@@ -1221,6 +1221,9 @@ class Store:
         items = sorted(chunk_set.items())
         report = _core.verify_chunks(self.root, items, threads=self.threads) if items else []
         damage = {cid: r for (cid, _), r in zip(items, report, strict=True) if r is not None}
+        # the base each chunk's header names, to check every manifest lists it
+        named = _core.chunk_bases(self.root, items, threads=self.threads) if items else []
+        header_base = {cid: b for (cid, _), b in zip(items, named, strict=True)}
         results = []
         for vid, entry in manifests.items():
             if isinstance(entry, FormatError):
@@ -1230,15 +1233,17 @@ class Store:
             problems = []
             # the bases its delta chunks name must be the ones it lists (gc
             # keeps only what manifests list); format 1 lists no deltas
-            try:
-                _core.probe_chunks(
-                    self.root,
-                    [(c[0], c[1]) for c in m["chunks"] if c[0] not in damage],
-                    threads=self.threads,
-                    listed=listed_bases(m),
-                )
-            except (IntegrityError, FormatError) as exc:
-                problems.append(Problem(exc.object or "", "format", str(exc), ()))
+            for cid, recorded in listed_bases(m):
+                if cid not in damage and header_base.get(cid) != recorded:
+                    problems.append(
+                        Problem(
+                            cid,
+                            "format",
+                            f"chunk {cid} is a delta on {header_base.get(cid)}, but the manifest"
+                            f" records {recorded} as its base",
+                            (),
+                        )
+                    )
             for ci, c in enumerate(m["chunks"]):
                 if c[0] in damage:
                     kind, message = damage[c[0]]

@@ -218,6 +218,23 @@ pub fn verify_chunks(
         .collect())
 }
 
+/// The base id each chunk `(id, raw_len)`'s header names: None for a full
+/// chunk, and for one whose header cannot be read (verify reports that).
+#[pyfunction]
+#[pyo3(signature = (root, chunks, *, threads=None))]
+pub fn chunk_bases(
+    py: Python<'_>,
+    root: PathBuf,
+    chunks: Vec<(String, u64)>,
+    threads: Option<usize>,
+) -> PyResult<Vec<Option<String>>> {
+    let refs = chunk_refs(&chunks)?;
+    let bases = py
+        .detach(|| pipeline::header_bases(&LocalFs::new(root, false), &refs, threads))
+        .map_err(to_py)?;
+    Ok(bases.into_iter().map(|b| b.map(|id| id.hex())).collect())
+}
+
 /// Checks that chunks `(id, raw_len)` exist with well-formed headers that
 /// record that raw length and match their file size, without decoding them,
 /// following delta chains. With `listed` (every object of the manifest as

@@ -844,6 +844,25 @@ pub fn probe(
     })?
 }
 
+/// The base each chunk's header names (`None` for a full chunk, or when
+/// the header cannot be read: loads and verify report that damage).
+pub fn header_bases(
+    backend: &dyn Backend,
+    chunks: &[ChunkRef],
+    threads: Option<usize>,
+) -> Result<Vec<Option<ObjectId>>> {
+    pool::run_with(threads, || {
+        chunks
+            .par_iter()
+            .map(|c| {
+                read_header(backend, c)
+                    .ok()
+                    .and_then(|h| h.delta.map(|d| d.base))
+            })
+            .collect()
+    })
+}
+
 /// Bytes of an unfiltered raw chunk read (then hashed) per call.
 const RAW_READ_BLOCK: usize = 1 << 20;
 
