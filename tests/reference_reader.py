@@ -56,6 +56,7 @@ __all__ = [
 MAGIC = b"CKPTCHNK"
 CHUNK_VERSION = 1
 DELTA_VERSION = 2
+ROTATED_VERSION = 3
 MANIFEST_VERSIONS = (1, 2)
 FIXED_HEADER = 24
 PLANE_ENTRY = 16
@@ -71,7 +72,7 @@ MAX_DEPTH = 64
 MAX_DIMS = 64
 MAX_NUMEL = 1 << 62
 MAX_TENSORS = 10_000_000
-FILTER_NONE, FILTER_BYTEGROUP, FILTER_XOR = 0, 1, 2
+FILTER_NONE, FILTER_BYTEGROUP, FILTER_XOR, FILTER_BYTEGROUP_ROT = 0, 1, 2, 3
 CODEC_RAW, CODEC_ZSTD = 0, 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -215,13 +216,14 @@ def parse_chunk_header(data: bytes) -> ChunkHeader:
     if data[:8] != MAGIC:
         raise ReaderError("bad chunk magic")
     (version,) = struct.unpack_from("<H", data, 8)
-    if version not in (CHUNK_VERSION, DELTA_VERSION):
+    if version not in (CHUNK_VERSION, DELTA_VERSION, ROTATED_VERSION):
         raise ReaderError(f"unsupported chunk format version {version}")
     filt, n = data[10], data[11]
     if not (
         (version == CHUNK_VERSION and filt == FILTER_NONE and n == 1)
         or (version == CHUNK_VERSION and filt == FILTER_BYTEGROUP and 2 <= n <= MAX_PLANES)
         or (version == DELTA_VERSION and filt == FILTER_XOR and n == 1)
+        or (version == ROTATED_VERSION and filt == FILTER_BYTEGROUP_ROT and n in (2, 4, 8))
     ):
         raise ReaderError(f"bad filter {filt} with {n} planes in a version {version} chunk")
     if data[12:16] != b"\0\0\0\0":
@@ -249,7 +251,7 @@ def parse_chunk_header(data: bytes) -> ChunkHeader:
                 f"plane {i}: stored length {stored} exceeds the plane's {raw_len // n} bytes + 64"
             )
         planes.append((codec, stored))
-    if version == CHUNK_VERSION:
+    if version in (CHUNK_VERSION, ROTATED_VERSION):
         return ChunkHeader(version, filt, n, raw_len, tuple(planes))
     # a delta chunk (section 5.5): one zstd plane, then base id, depth, patch length
     if planes[0][0] != CODEC_ZSTD:
@@ -303,6 +305,14 @@ def ungroup(filtered: bytes, n: int) -> bytes:
     k = len(filtered) // n
     arr = np.frombuffer(filtered, dtype=np.uint8).reshape(n, k)
     return arr.T.tobytes()
+
+
+def rotate_right(raw: bytes, n: int) -> bytes:
+    """Undoes the one-bit left rotation of every n-byte little-endian item (section 5.6)."""
+    kind = {2: np.uint16, 4: np.uint32, 8: np.uint64}[n]
+    items = np.frombuffer(raw, dtype=np.dtype(kind).newbyteorder("<"))
+    top = kind(8 * n - 1)
+    return ((items >> kind(1)) | (items << top)).astype(items.dtype).tobytes()
 
 
 def _varint(patch: bytes, pos: int) -> tuple[int, int]:
@@ -363,6 +373,8 @@ def decode_chunk(
             planes.append(decode_plane(data[pos : pos + stored], codec, h.plane_len))
             pos += stored
         raw = ungroup(b"".join(planes), h.n)
+        if h.filter == FILTER_BYTEGROUP_ROT:
+            raw = rotate_right(raw, h.n)
     else:
         if base_raw is None:
             raise ReaderError(f"delta chunk on {h.base} needs its base's raw bytes")

@@ -43,7 +43,7 @@ def object_path(store: ckpt.Store, oid: str) -> Path:
 def depth_of(store: ckpt.Store, oid: str) -> int:
     head = object_path(store, oid).read_bytes()[:80]
     (version,) = struct.unpack_from("<H", head, 8)
-    if version == 1:
+    if version in (1, 3):  # full chunks (3: rotated byte groups)
         return 0
     assert version == 2 and head[10] == 2
     (depth,) = struct.unpack_from("<I", head, 72)

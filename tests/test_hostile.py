@@ -196,7 +196,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "chunk-of-a-newer-format": (
         lambda r, m: (
             p := r / "objects" / m["chunks"][0][0][:2] / m["chunks"][0][0][2:]
-        ).write_bytes(p.read_bytes()[:8] + b"\3\0" + p.read_bytes()[10:]),
+        ).write_bytes(p.read_bytes()[:8] + b"\4\0" + p.read_bytes()[10:]),
         "FormatError",
     ),
     "manifest-id-disagrees": (lambda r, m: m.update(id=7), "FormatError"),
@@ -501,7 +501,7 @@ def test_a_chunk_of_a_newer_format_fails_before_any_byte_is_read(tmp_path: Path)
     cid = m["chunks"][-1][0]  # a chunk of "b"
     path = Path(store.root, "objects", cid[:2], cid[2:])
     blob = path.read_bytes()
-    path.write_bytes(blob[:8] + b"\x03\x00" + blob[10:])
+    path.write_bytes(blob[:8] + b"\x04\x00" + blob[10:])
     into = {"a": np.full(40_000, -7, np.float32), "b": np.full(40_000, -7, np.float32)}
     with pytest.raises(ckpt.FormatError, match="version 1: tensor 'b'.*upgrade ckpt"):
         store.load(1, into=into)

@@ -136,6 +136,9 @@ class StoreMachine(RuleBasedStateMachine):
     def gc(self) -> None:
         result = self.store.gc()
         assert not result.missing
+        self.forget_collected_damage()
+
+    def forget_collected_damage(self) -> None:
         for cid in list(self.damaged):  # collected: no longer damage anyone
             if not Path(self.root, "objects", cid[:2], cid[2:]).exists():
                 del self.damaged[cid]
@@ -148,6 +151,7 @@ class StoreMachine(RuleBasedStateMachine):
             del self.model[vid]
         kept = sorted(self.model)
         assert set(kept[-last:]) | (self.pins & set(kept)) <= set(kept)
+        self.forget_collected_damage()  # retention deletes unreferenced chunks too
 
     @rule(
         orphans=st.booleans(),

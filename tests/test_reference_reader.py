@@ -168,21 +168,24 @@ def test_versions_dedup_and_reader_agree(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ chunk files
-def _chunks_with_groups(manifest: dict[str, Any]) -> dict[int, set[int]]:
-    """Chunk index -> group widths of the tensors that have bytes in it."""
-    out: dict[int, set[int]] = {}
+def _chunks_with_dtypes(manifest: dict[str, Any]) -> dict[int, list[str]]:
+    """Chunk index -> dtypes of the tensors that have bytes in it, in tensor order."""
+    out: dict[int, list[str]] = {}
     for t in manifest["tensors"]:
-        g = ref.DTYPES[t["dtype"]][2]
         for ci, _, _ in t["spans"]:
-            out.setdefault(ci, set()).add(g)
+            out.setdefault(ci, []).append(t["dtype"])
     return out
+
+
+#: dtypes whose items the writer rotates before byte grouping (section 5.6)
+ROTATED = {"F32", "F64", "C64", "C128", "BF16"}
 
 
 def test_every_chunk_header_field_is_as_documented(tmp_path: Path) -> None:
     store = small_store(tmp_path / "s")
     v = store.save(varied_tree(2))
     m = store.manifest(v.id)
-    groups = _chunks_with_groups(m)
+    dtypes = _chunks_with_dtypes(m)
     dctx = zstandard.ZstdDecompressor()
     codecs_seen = set()
     filters_seen = set()
@@ -191,16 +194,19 @@ def test_every_chunk_header_field_is_as_documented(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert len(data) == stored_len  # chunk table: stored length = file size
         assert data[:8] == b"CKPTCHNK"
-        assert struct.unpack_from("<H", data, 8)[0] == 1
+        version = struct.unpack_from("<H", data, 8)[0]
         filt, n = data[10], data[11]
         assert data[12:16] == b"\0\0\0\0"
         assert struct.unpack_from("<Q", data, 16)[0] == raw_len
-        (g,) = groups[ci]
-        # writer rule (5.2): bytegroup(g) iff 2 <= g <= 16, raw_len % g == 0, raw_len >= 1024
+        (g,) = {ref.DTYPES[d][2] for d in dtypes[ci]}
+        # writer rules (5.2, 5.6): bytegroup(g) iff 2 <= g <= 16, raw_len % g == 0,
+        # raw_len >= 1024; rotated first when the chunk's first tensor is a
+        # float32/float64/bfloat16 (or complex of those)
+        rotated = dtypes[ci][0] in ROTATED
         if 2 <= g <= 16 and raw_len % g == 0 and raw_len >= 1024:
-            assert (filt, n) == (1, g)
+            assert (version, filt, n) == ((3, 3, g) if rotated else (1, 1, g))
         else:
-            assert (filt, n) == (0, 1)
+            assert (version, filt, n) == (1, 0, 1)
         filters_seen.add(filt)
         plane_len = raw_len // n
         pos = 24 + 16 * n
@@ -230,12 +236,14 @@ def test_every_chunk_header_field_is_as_documented(tmp_path: Path) -> None:
         assert pos == len(data)
         filtered = b"".join(planes)
         raw = filtered if n == 1 else np.frombuffer(filtered, np.uint8).reshape(n, -1).T.tobytes()
+        if filt == 3:
+            raw = ref.rotate_right(raw, n)
         assert blake3.blake3(raw).hexdigest() == cid
         assert ref.decode_chunk(data, cid, raw_len) == raw
         header = ref.parse_chunk_header(data)
         assert header.file_len == len(data) and header.raw_len == raw_len
     assert codecs_seen == {0, 1}
-    assert filters_seen == {0, 1}
+    assert filters_seen == {0, 1, 3}
 
 
 def test_worked_example_of_the_document(tmp_path: Path) -> None:

@@ -28,6 +28,10 @@ pub fn split_into(raw: &[u8], n: usize, out: &mut [u8]) {
 }
 
 fn split_fixed<const N: usize>(raw: &[u8], out: &mut [u8]) {
+    split_fixed_rot::<N, false>(raw, out)
+}
+
+fn split_fixed_rot<const N: usize, const ROT: bool>(raw: &[u8], out: &mut [u8]) {
     let count = raw.len() / N;
     let mut planes: Vec<&mut [u8]> = out.chunks_exact_mut(count.max(1)).take(N).collect();
     if count == 0 {
@@ -45,7 +49,10 @@ fn split_fixed<const N: usize>(raw: &[u8], out: &mut [u8]) {
             // One little-endian load per item; byte j is `(v >> 8j) as u8`.
             let mut word = [0u8; 8];
             word[..N].copy_from_slice(item);
-            let v = u64::from_le_bytes(word);
+            let mut v = u64::from_le_bytes(word);
+            if ROT {
+                v = (v << 1) | (v >> (8 * N - 1));
+            }
             for (j, d) in dst.iter_mut().enumerate() {
                 d[i] = (v >> (8 * j)) as u8;
             }
@@ -168,6 +175,55 @@ fn merge_fixed<const N: usize>(planes: &[&[u8]], out: &mut [u8]) {
     }
 }
 
+/// Rotates every `n`-byte little-endian item of `items` left by one bit
+/// (`n` of 2, 4 or 8): the sign bit of a float moves to the bottom, so the
+/// top byte holds exactly the 8 exponent bits of a bfloat16 or float32.
+pub fn rotl1_items(items: &mut [u8], n: usize) {
+    match n {
+        2 => rot_fixed::<2>(items, true),
+        4 => rot_fixed::<4>(items, true),
+        8 => rot_fixed::<8>(items, true),
+        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
+    }
+}
+
+/// Undoes [`rotl1_items`].
+pub fn rotr1_items(items: &mut [u8], n: usize) {
+    match n {
+        2 => rot_fixed::<2>(items, false),
+        4 => rot_fixed::<4>(items, false),
+        8 => rot_fixed::<8>(items, false),
+        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
+    }
+}
+
+fn rot_fixed<const N: usize>(items: &mut [u8], left: bool) {
+    let bits = 8 * N as u32;
+    let mask = if N == 8 { u64::MAX } else { (1u64 << bits) - 1 };
+    for item in items.chunks_exact_mut(N) {
+        let mut word = [0u8; 8];
+        word[..N].copy_from_slice(item);
+        let v = u64::from_le_bytes(word);
+        let r = if left {
+            ((v << 1) | (v >> (bits - 1))) & mask
+        } else {
+            ((v >> 1) | (v << (bits - 1))) & mask
+        };
+        item.copy_from_slice(&r.to_le_bytes()[..N]);
+    }
+}
+
+/// Splits `n`-byte items (`n` of 2, 4 or 8) into planes after rotating
+/// each left by one bit (see [`rotl1_items`]), in one pass.
+pub fn split_rot_into(raw: &[u8], n: usize, out: &mut [u8]) {
+    match n {
+        2 => split_fixed_rot::<2, true>(raw, out),
+        4 => split_fixed_rot::<4, true>(raw, out),
+        8 => split_fixed_rot::<8, true>(raw, out),
+        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
+    }
+}
+
 /// Splits `raw` into `n` owned planes (convenience for tests and small inputs).
 pub fn split(raw: &[u8], n: usize) -> Vec<Vec<u8>> {
     let mut flat = vec![0u8; raw.len()];
@@ -210,6 +266,26 @@ mod tests {
                 merge(&flat, n, &mut out);
                 assert_eq!(out, raw, "width {n}, {items} items");
             }
+        }
+    }
+
+    #[test]
+    fn rotation_moves_the_top_bit_down_and_back() {
+        for n in [2usize, 4, 8] {
+            let raw: Vec<u8> = (0..n * 3000).map(|i| (i * 151 % 256) as u8).collect();
+            let mut items = raw.clone();
+            rotl1_items(&mut items, n);
+            for (a, b) in raw.chunks_exact(n).zip(items.chunks_exact(n)) {
+                assert_eq!(b[0], (a[0] << 1) | (a[n - 1] >> 7));
+                assert_eq!(b[n - 1], (a[n - 1] << 1) | (a[n - 2] >> 7));
+            }
+            let mut split = vec![0u8; raw.len()];
+            split_rot_into(&raw, n, &mut split);
+            let mut plain = vec![0u8; raw.len()];
+            split_into(&items, n, &mut plain);
+            assert_eq!(split, plain, "width {n}");
+            rotr1_items(&mut items, n);
+            assert_eq!(items, raw);
         }
     }
 

@@ -47,6 +47,11 @@ pub const MAGIC: &[u8; 8] = b"CKPTCHNK";
 pub const CHUNK_VERSION: u16 = 1;
 /// Chunk format version of delta chunks.
 pub const DELTA_VERSION: u16 = 2;
+/// Chunk format version of full chunks byte-grouped after a one-bit rotation.
+pub const ROTATED_VERSION: u16 = 3;
+/// Flag of a `group` (item width) asking for [`Filter::ByteGroupRot`]: the
+/// items are floats whose exponent fills a byte once the sign moves out.
+pub const ROTATE: usize = 0x100;
 /// Longest delta chain a reader follows (a writer stops far earlier, at its
 /// `delta_depth` option); bounds the work a damaged or hostile store can cause.
 pub const MAX_DELTA_DEPTH: u32 = 64;
@@ -70,6 +75,11 @@ pub enum Filter {
     ByteGroup(usize),
     /// XOR with the raw bytes of a base chunk (see [`Delta`]); one zstd plane.
     XorDelta,
+    /// Byte planes of `n`-byte items (`n` of 2, 4 or 8), each item rotated
+    /// left by one bit first: the top plane of a bfloat16, float32 (or
+    /// float64) then holds exponent bits only, the sign joins the raw low
+    /// plane, and the exponent plane compresses better.
+    ByteGroupRot(usize),
 }
 
 /// The base of a delta chunk, the length of its chain and of its patch.
@@ -89,12 +99,25 @@ pub fn max_patch_len(raw_len: u64) -> u64 {
 }
 
 impl Filter {
-    /// The filter for items of `group` bytes (1 = no grouping).
+    /// The filter for items of `group` bytes (1 = no grouping; with the
+    /// [`ROTATE`] flag, rotated byte groups for widths 2, 4 and 8).
     pub fn for_group(group: usize, raw_len: usize) -> Filter {
-        if (2..=MAX_PLANES).contains(&group) && raw_len % group == 0 && raw_len >= MIN_GROUPED {
-            Filter::ByteGroup(group)
+        let width = group & !ROTATE;
+        if !(2..=MAX_PLANES).contains(&width) || raw_len % width != 0 || raw_len < MIN_GROUPED {
+            return Filter::None;
+        }
+        if group & ROTATE != 0 && matches!(width, 2 | 4 | 8) {
+            Filter::ByteGroupRot(width)
         } else {
-            Filter::None
+            Filter::ByteGroup(width)
+        }
+    }
+
+    /// The number of byte planes.
+    pub fn planes(self) -> usize {
+        match self {
+            Filter::ByteGroup(n) | Filter::ByteGroupRot(n) => n,
+            Filter::None | Filter::XorDelta => 1,
         }
     }
 }
@@ -156,17 +179,13 @@ impl Header {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.header_len());
         out.extend_from_slice(MAGIC);
-        let version = if self.delta.is_some() {
-            DELTA_VERSION
-        } else {
-            CHUNK_VERSION
+        let (version, code, n) = match self.filter {
+            Filter::None => (CHUNK_VERSION, 0u8, 1u8),
+            Filter::ByteGroup(n) => (CHUNK_VERSION, 1u8, n as u8),
+            Filter::XorDelta => (DELTA_VERSION, 2u8, 1u8),
+            Filter::ByteGroupRot(n) => (ROTATED_VERSION, 3u8, n as u8),
         };
         out.extend_from_slice(&version.to_le_bytes());
-        let (code, n) = match self.filter {
-            Filter::None => (0u8, 1u8),
-            Filter::ByteGroup(n) => (1u8, n as u8),
-            Filter::XorDelta => (2u8, 1u8),
-        };
         out.push(code);
         out.push(n);
         out.extend_from_slice(&[0u8; 4]);
@@ -203,9 +222,9 @@ impl Header {
             return Err(bad("not a ckpt chunk (bad magic)".into()));
         }
         let version = u16::from_le_bytes([data[8], data[9]]);
-        if version != CHUNK_VERSION && version != DELTA_VERSION {
+        if !(CHUNK_VERSION..=ROTATED_VERSION).contains(&version) {
             return Err(bad(format!(
-                "chunk format version {version} is not supported (this build reads {CHUNK_VERSION} and {DELTA_VERSION}); upgrade ckpt"
+                "chunk format version {version} is not supported (this build reads {CHUNK_VERSION} to {ROTATED_VERSION}); upgrade ckpt"
             )));
         }
         let n = data[11] as usize;
@@ -213,6 +232,7 @@ impl Header {
             (CHUNK_VERSION, 0, 1) => Filter::None,
             (CHUNK_VERSION, 1, 2..=MAX_PLANES) => Filter::ByteGroup(n),
             (DELTA_VERSION, 2, 1) => Filter::XorDelta,
+            (ROTATED_VERSION, 3, 2 | 4 | 8) => Filter::ByteGroupRot(n),
             (v, f, n) => {
                 return Err(bad(format!(
                     "unknown filter {f} with {n} planes in a version {v} chunk"
@@ -374,10 +394,7 @@ impl Encoder {
             self.level = opts.level;
         }
         let filter = Filter::for_group(group, raw.len());
-        let n = match filter {
-            Filter::ByteGroup(n) => n,
-            Filter::None | Filter::XorDelta => 1,
-        };
+        let n = filter.planes();
         let Encoder {
             planes,
             compressed,
@@ -387,16 +404,22 @@ impl Encoder {
             huff_ws,
             ..
         } = self;
-        if let Filter::ByteGroup(n) = filter {
+        if let Filter::ByteGroup(_) | Filter::ByteGroupRot(_) = filter {
             if planes.len() < raw.len() {
                 planes.resize(raw.len(), 0);
             }
-            bytegroup::split_into(raw, n, &mut planes[..raw.len()]);
+            if let Filter::ByteGroupRot(n) = filter {
+                bytegroup::split_rot_into(raw, n, &mut planes[..raw.len()]);
+            } else {
+                bytegroup::split_into(raw, n, &mut planes[..raw.len()]);
+            }
         }
         let plane_len = raw.len() / n;
         let plane = |j: usize| -> &[u8] {
             match filter {
-                Filter::ByteGroup(_) => &planes[j * plane_len..(j + 1) * plane_len],
+                Filter::ByteGroup(_) | Filter::ByteGroupRot(_) => {
+                    &planes[j * plane_len..(j + 1) * plane_len]
+                }
                 Filter::None | Filter::XorDelta => raw,
             }
         };
@@ -670,6 +693,9 @@ pub fn decode_payload(
         let block: Vec<&[u8]> = planes.iter().map(|p| &p[start..end]).collect();
         let dst = &mut out[start * n..end * n];
         bytegroup::merge_from(&block, dst);
+        if let Filter::ByteGroupRot(n) = header.filter {
+            bytegroup::rotr1_items(dst, n);
+        }
         if let Some(h) = hasher.as_deref_mut() {
             h.update(dst);
         }
@@ -944,6 +970,48 @@ mod tests {
         assert_eq!(h.planes[0].0, Codec::Raw);
         assert_eq!(h.planes[3].0, Codec::Zstd);
         assert!(file.len() < raw.len() * 9 / 10);
+    }
+
+    #[test]
+    fn rotated_byte_groups_round_trip_and_shrink_the_exponent_plane() {
+        let raw = floats(1 << 18);
+        let (plain, plain_file) = round_trip(&raw, 4);
+        let (rot, rot_file) = round_trip(&raw, 4 | ROTATE);
+        assert_eq!(plain.filter, Filter::ByteGroup(4));
+        assert_eq!(rot.filter, Filter::ByteGroupRot(4));
+        assert_eq!(
+            u16::from_le_bytes([rot_file[8], rot_file[9]]),
+            ROTATED_VERSION
+        );
+        assert!(
+            rot_file.len() < plain_file.len(),
+            "{} vs {}",
+            rot_file.len(),
+            plain_file.len()
+        );
+        // bfloat16 (the top halves of the floats) and float64 widths
+        let bf16: Vec<u8> = raw.chunks_exact(4).flat_map(|w| [w[2], w[3]]).collect();
+        assert_eq!(
+            round_trip(&bf16, 2 | ROTATE).0.filter,
+            Filter::ByteGroupRot(2)
+        );
+        assert_eq!(
+            round_trip(&raw, 8 | ROTATE).0.filter,
+            Filter::ByteGroupRot(8)
+        );
+        // other widths, and inputs too small to group, ignore the flag
+        assert_eq!(
+            round_trip(&raw[..12_000], 3 | ROTATE).0.filter,
+            Filter::ByteGroup(3)
+        );
+        assert_eq!(round_trip(&raw[..1000], 4 | ROTATE).0.filter, Filter::None);
+        // a version-3 chunk with an unsupported width is refused
+        let mut bad = rot_file.clone();
+        bad[11] = 3;
+        assert!(matches!(
+            Header::parse(&bad, "x"),
+            Err(Error::Format { .. })
+        ));
     }
 
     #[test]

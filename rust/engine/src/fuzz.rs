@@ -201,7 +201,8 @@ fn fuzz_decoding_arbitrary_bytes_never_panics() {
 fn fuzz_mutated_chunks_are_never_accepted_unless_intact() {
     let case = (
         raw_bytes(),
-        1usize..=16,
+        // widths with and without the rotation flag (rotated byte groups)
+        (1usize..=16, any::<bool>()).prop_map(|(g, r)| if r { g | chunk::ROTATE } else { g }),
         proptest::collection::vec(mutation(), 1..4),
     );
     fuzz("mutated chunks", case, |(raw, group, mutations)| {

@@ -478,10 +478,21 @@ fn compress_delta(xor: &[u8], frame: &mut Vec<u8>) -> Result<usize> {
 /// that is itself a delta counts as promising (the last delta paid), and
 /// so does one whose first plane is compressed (it cannot be sampled cheaply).
 fn promising(backend: &dyn Backend, bref: &ChunkRef, h: &Header, raw: &[u8]) -> Result<bool> {
-    let n = match h.filter {
+    let (n, rotated) = match h.filter {
         Filter::XorDelta => return Ok(true),
-        Filter::ByteGroup(n) => n,
-        Filter::None => 1,
+        Filter::ByteGroup(n) => (n, false),
+        Filter::ByteGroupRot(n) => (n, true),
+        Filter::None => (1, false),
+    };
+    // The first plane's byte of item i: its low byte, or after the rotation
+    // its low byte shifted up by one with the item's top bit below.
+    let first_byte = |i: usize| -> u8 {
+        let lo = raw[i * n];
+        if rotated {
+            (lo << 1) | (raw[i * n + n - 1] >> 7)
+        } else {
+            lo
+        }
     };
     if h.planes[0].0 != Codec::Raw {
         return Ok(true);
@@ -502,7 +513,7 @@ fn promising(backend: &dyn Backend, bref: &ChunkRef, h: &Header, raw: &[u8]) -> 
         same += buf[..k]
             .iter()
             .enumerate()
-            .filter(|&(k, &b)| raw[(first + k) * n] == b)
+            .filter(|&(k, &b)| first_byte(first + k) == b)
             .count();
     }
     Ok(same as f64 >= DELTA_MIN_SAME * (WINDOWS * WINDOW) as f64)

@@ -47,7 +47,9 @@ pub fn plan(tensors: &[(usize, usize)], params: ChunkParams) -> Vec<PlannedChunk
             continue;
         }
         if len >= params.small_threshold {
-            let step = (params.chunk_size / group).max(1) * group;
+            // chunks hold whole items (`group` may carry chunk::ROTATE)
+            let width = (group & !crate::chunk::ROTATE).max(1);
+            let step = (params.chunk_size / width).max(1) * width;
             let mut offset = 0;
             while offset < len {
                 let n = step.min(len - offset);
@@ -64,7 +66,14 @@ pub fn plan(tensors: &[(usize, usize)], params: ChunkParams) -> Vec<PlannedChunk
             }
             continue;
         }
-        let slot = match packs.iter().position(|(g, _)| *g == group) {
+        // Packs are keyed by item width alone, so that a rotation flag never
+        // changes which tensors share a chunk (chunk ids stay what they were
+        // before rotation existed); a pack takes its first tensor's flag.
+        let width = group & !crate::chunk::ROTATE;
+        let slot = match packs
+            .iter()
+            .position(|(g, _)| *g & !crate::chunk::ROTATE == width)
+        {
             Some(i) => i,
             None => {
                 packs.push((group, Vec::new()));
