@@ -297,13 +297,9 @@ fn save_chunk(
         return Ok((id, fingerprint, Some((size, false, base))));
     }
     if let Some((header, frame_len, delta)) = try_delta(backend, tensors, c, &raw, opts)? {
-        let written = FRAME.with(|cell| {
-            let frame = cell.take();
-            let put = backend.put(&id, &[&header, &frame[..frame_len]]);
-            cell.set(frame);
-            put
-        });
-        written?;
+        with_vec(&FRAME, |frame| {
+            backend.put(&id, &[&header, &frame[..frame_len]])
+        })?;
         let stored = (header.len() + frame_len) as u64;
         return Ok((id, fingerprint, Some((stored, true, Some(delta.base)))));
     }
@@ -411,21 +407,16 @@ fn try_delta(
             return Ok(None);
         }
         let limit = (raw.len() as f64 * DELTA_MAX_RATIO) as usize;
-        let mut patch = DELTA.with(|cell| cell.take());
-        patch.clear();
-        chunk::build_patch(raw, base, &mut patch);
-        let frame_len = if patch.len() > limit * 2 {
-            Ok(usize::MAX) // changed too much to compress within the limit
-        } else {
-            FRAME.with(|cell| {
-                let mut frame = cell.take();
-                let n = compress_delta(&patch, &mut frame);
-                cell.set(frame);
-                n
-            })
-        };
-        let patch_len = patch.len() as u32;
-        DELTA.with(|cell| cell.set(patch));
+        let (patch_len, frame_len) = with_vec(&DELTA, |patch| {
+            patch.clear();
+            chunk::build_patch(raw, base, patch);
+            let frame_len = if patch.len() > limit * 2 {
+                Ok(usize::MAX) // changed too much to compress within the limit
+            } else {
+                with_vec(&FRAME, |frame| compress_delta(patch, frame))
+            };
+            (patch.len() as u32, frame_len)
+        });
         let frame_len = frame_len?;
         if frame_len > limit {
             return Ok(None);
