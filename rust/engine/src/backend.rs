@@ -259,13 +259,7 @@ pub fn commit_file(root: &Path, dir: &str, name: &str, data: &[u8], durable: boo
         .join("tmp")
         .join(format!("{name}.{}.{n}.tmp", std::process::id()));
     let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(|e| Error::io("create", &tmp, e))?;
+        let mut f = create_tmp(&tmp)?;
         f.write_all(data)
             .and_then(|()| fault::point(tmp_written))
             .map_err(|e| Error::io("write", &tmp, e))?;
@@ -302,6 +296,18 @@ pub fn commit_file(root: &Path, dir: &str, name: &str, data: &[u8], durable: boo
         let _ = fault::point("manifest.after_dir_fsync");
     }
     Ok(())
+}
+
+/// Creates a writer's temp file: new (never an existing file), never
+/// through a symlink, mode 0644.
+fn create_tmp(tmp: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(tmp)
+        .map_err(|e| Error::io("create", tmp, e))
 }
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`):
@@ -382,13 +388,7 @@ impl Backend for LocalFs {
                 .join("tmp")
                 .join(format!("{}.{}.{n}.chunk", id.hex(), std::process::id()));
         let write = || -> Result<bool> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)
-                .map_err(|e| Error::io("create", &tmp, e))?;
+            let mut f = create_tmp(&tmp)?;
             for part in parts {
                 f.write_all(part).map_err(|e| Error::io("write", &tmp, e))?;
             }

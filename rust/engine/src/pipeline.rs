@@ -828,17 +828,7 @@ pub fn probe(
                     raw_len: c.raw_len,
                 };
                 let next = read_header(backend, &r)?;
-                if next.depth() + 1 != d.depth {
-                    return Err(Error::Format {
-                        object: id.hex(),
-                        detail: format!(
-                            "delta of depth {} on base {} of depth {}",
-                            d.depth,
-                            d.base,
-                            next.depth()
-                        ),
-                    });
-                }
+                check_link(&id, d.depth, next.depth())?;
                 id = d.base;
                 header = next;
             }
@@ -923,17 +913,7 @@ fn decode_raw(
             raw_len: c.raw_len,
         };
         let base = open_chunk(backend, &bref)?;
-        if base.header.depth() + 1 != d.depth {
-            return Err(Error::Format {
-                object,
-                detail: format!(
-                    "delta of depth {} on base {} of depth {}",
-                    d.depth,
-                    d.base,
-                    base.header.depth()
-                ),
-            });
-        }
+        check_link(&c.id, d.depth, base.header.depth())?;
         decode_raw(backend, &bref, &base, out, None)?;
         let apply = |payload: &[u8], out: &mut [u8]| {
             with_vec(&DELTA, |scratch| {
@@ -1186,21 +1166,24 @@ fn mark_subtree(
     }
 }
 
+/// A delta chunk of depth `depth` must sit on a base of depth `depth - 1`
+/// (so every chain ends at a full chunk within the depth limit).
+fn check_link(delta: &ObjectId, depth: u32, base_depth: u32) -> Result<()> {
+    if base_depth + 1 == depth {
+        return Ok(());
+    }
+    Err(Error::Format {
+        object: delta.hex(),
+        detail: format!("delta of depth {depth} on a base of depth {base_depth}"),
+    })
+}
+
 /// Applies delta chunk `c` to `bytes` (its base's verified bytes) and checks
 /// its recorded depth and the result's hash.
 fn apply_verified(backend: &dyn Backend, c: &ChunkRef, bytes: &mut [u8], depth: u32) -> Result<()> {
     let opened = open_chunk(backend, c)?;
     let header = &opened.header;
-    if header.depth() != depth {
-        return Err(Error::Format {
-            object: c.id.hex(),
-            detail: format!(
-                "delta of depth {} on a base of depth {}",
-                header.depth(),
-                depth - 1
-            ),
-        });
-    }
+    check_link(&c.id, header.depth(), depth - 1)?;
     let start = header.header_len();
     let object = c.id.hex();
     let mut hasher = blake3::Hasher::new();
