@@ -504,11 +504,8 @@ fn compress_plane(
     let zstd_err = |e: std::io::Error| Error::Invalid(format!("zstd: {e}"));
     sample_of(plane, sample);
     let entropy = entropy_ratio(sample);
-    let lz_probe = if entropy > keep {
-        &sample[..]
-    } else {
-        &sample[..sample.len().min(16 << 10)]
-    };
+    // The first blocks of a sample are spread over the whole plane.
+    let lz_probe = &sample[..sample.len().min(LZ_PROBE)];
     out.clear();
     out.reserve(zstd::zstd_safe::compress_bound(lz_probe.len()));
     let probe = sample_cctx
@@ -545,8 +542,16 @@ const SAMPLE_BLOCK: usize = 4096;
 /// Planes below this size always take the zstd path (see `compress_plane`).
 const SMALL_PLANE: usize = 4096;
 const SAMPLE_BLOCKS: usize = 16;
+/// Bytes of the sample that the LZ probe compresses: 4 blocks, one in each
+/// quarter of the plane (zstd's match finder is the costly part of a probe,
+/// and on float mantissa planes it finds nothing).
+const LZ_PROBE: usize = 4 * SAMPLE_BLOCK;
+/// The order in which the sample takes its blocks (by position in the
+/// plane): its first four are spread over the whole plane.
+const SAMPLE_ORDER: [usize; SAMPLE_BLOCKS] = [0, 5, 10, 15, 1, 6, 11, 2, 7, 12, 3, 8, 13, 4, 9, 14];
 
-/// Up to 16 blocks of 4 KiB spread evenly over the plane (the whole plane if small).
+/// Up to 16 blocks of 4 KiB spread evenly over the plane (the whole plane if
+/// small), in [`SAMPLE_ORDER`].
 fn sample_of(plane: &[u8], out: &mut Vec<u8>) {
     out.clear();
     if plane.len() <= SAMPLE_BLOCK * SAMPLE_BLOCKS {
@@ -554,7 +559,7 @@ fn sample_of(plane: &[u8], out: &mut Vec<u8>) {
         return;
     }
     let stride = (plane.len() - SAMPLE_BLOCK) / (SAMPLE_BLOCKS - 1);
-    for i in 0..SAMPLE_BLOCKS {
+    for i in SAMPLE_ORDER {
         let start = i * stride;
         out.extend_from_slice(&plane[start..start + SAMPLE_BLOCK]);
     }
@@ -692,9 +697,10 @@ pub fn decode_payload(
         let end = (start + MERGE_BLOCK_ITEMS).min(plane_len);
         let block: Vec<&[u8]> = planes.iter().map(|p| &p[start..end]).collect();
         let dst = &mut out[start * n..end * n];
-        bytegroup::merge_from(&block, dst);
-        if let Filter::ByteGroupRot(n) = header.filter {
-            bytegroup::rotr1_items(dst, n);
+        if let Filter::ByteGroupRot(_) = header.filter {
+            bytegroup::merge_rot_from(&block, dst);
+        } else {
+            bytegroup::merge_from(&block, dst);
         }
         if let Some(h) = hasher.as_deref_mut() {
             h.update(dst);

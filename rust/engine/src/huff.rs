@@ -37,6 +37,28 @@ const BLOCK: usize = 128 * 1024;
 const MIN_HUFFMAN_BLOCK: usize = 1024;
 const TABLE_LOG: c_uint = 11;
 const HUF_REPEAT_NONE: c_int = 0;
+/// `HUF_flags_bmi2`: use the coder's BMI2 variant (same output, ~1.5x faster).
+const HUF_FLAGS_BMI2: c_int = 1;
+
+/// The coder's flags for this CPU: its BMI2 variant where the CPU has BMI2
+/// (zstd builds both variants and leaves the choice to the caller).
+fn huf_flags() -> c_int {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FLAGS: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();
+        *FLAGS.get_or_init(|| {
+            if std::is_x86_feature_detected!("bmi2") {
+                HUF_FLAGS_BMI2
+            } else {
+                0
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
 
 /// Workspace of the Huffman coder (one per worker thread).
 pub struct HuffWorkspace {
@@ -58,6 +80,15 @@ impl Default for HuffWorkspace {
 /// Writes `src` into `out` as one zstd frame of entropy-coded blocks.
 /// Deterministic: the frame depends only on `src`.
 pub fn compress(src: &[u8], out: &mut Vec<u8>, ws: &mut HuffWorkspace) -> Result<()> {
+    compress_with(src, out, ws, huf_flags())
+}
+
+fn compress_with(
+    src: &[u8],
+    out: &mut Vec<u8>,
+    ws: &mut HuffWorkspace,
+    flags: c_int,
+) -> Result<()> {
     let size = u32::try_from(src.len())
         .map_err(|_| Error::Invalid(format!("plane of {} bytes is too large", src.len())))?;
     out.clear();
@@ -94,7 +125,7 @@ pub fn compress(src: &[u8], out: &mut Vec<u8>, ws: &mut HuffWorkspace) -> Result
                 ws.work.len() * 8,
                 ws.table.as_mut_ptr(),
                 &mut repeat,
-                0,
+                flags,
             )
         };
         // SAFETY: a pure function of the code.
@@ -189,6 +220,9 @@ mod tests {
         let mut b = Vec::new();
         compress(&skewed, &mut a, &mut HuffWorkspace::default()).unwrap();
         compress(&skewed, &mut b, &mut HuffWorkspace::default()).unwrap();
+        assert_eq!(a, b);
+        // The BMI2 variant writes the same frames as the portable one.
+        compress_with(&skewed, &mut b, &mut HuffWorkspace::default(), 0).unwrap();
         assert_eq!(a, b);
     }
 }
