@@ -106,9 +106,13 @@ fn compress_with(
         }
         let start = out.len();
         let bound = block.len() + (block.len() >> 8) + 8 + 129;
-        out.resize(start + 3 + 5 + bound, 0);
+        // Block and literals headers are filled in below; the coder writes
+        // into spare capacity (zeroing it first cost as much as a histogram).
+        out.extend_from_slice(&[0u8; 8]);
+        out.reserve(bound);
         let mut repeat = HUF_REPEAT_NONE;
-        // SAFETY: `out` has `bound` writable bytes after `start + 8`; `block`
+        // SAFETY: `out` has `bound` bytes of spare capacity after its length
+        // `start + 8`; `block`
         // is readable for its length; the workspace is 4-byte aligned (u64)
         // and larger than HUF_WORKSPACE_SIZE; the table has 257 entries as
         // HUF_CTABLE_SIZE_ST(255) requires; `repeat` is HUF_repeat_none so
@@ -146,9 +150,10 @@ fn compress_with(
         } else {
             // Compressed literals, 4 streams, 18-bit sizes (Size_Format 11).
             let lhc = 2u64 | (3 << 2) | ((block.len() as u64) << 4) | ((n as u64) << 22);
+            // SAFETY: the coder wrote `n <= bound` bytes after `start + 8`.
+            unsafe { out.set_len(start + 8 + n) };
+            out.push(0); // Number_of_Sequences = 0
             out[start + 3..start + 8].copy_from_slice(&lhc.to_le_bytes()[..5]);
-            out[start + 8 + n] = 0; // Number_of_Sequences = 0
-            out.truncate(start + 3 + content);
             let header = (last as u32) | (2 << 1) | ((content as u32) << 3);
             out[start..start + 3].copy_from_slice(&header.to_le_bytes()[..3]);
         }
