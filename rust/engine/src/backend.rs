@@ -11,7 +11,8 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
 
 use rayon::prelude::*;
 
@@ -99,9 +100,91 @@ pub struct LocalFs {
     new_dirs: AtomicU64,
     /// Whether `delete` ran since the last flush (names its fault points).
     deleted: AtomicBool,
-    /// Durable puts written to `tmp/` whose fsync and rename wait for `flush`:
-    /// (temp path, final path, object directory).
-    pending: Mutex<Vec<(PathBuf, PathBuf, String)>>,
+    /// Durable puts: the thread that fsyncs and renames their temp files
+    /// while the workers go on (started by the first durable put).
+    syncer: Mutex<Option<Syncer>>,
+}
+
+/// A chunk file written to `tmp/`, waiting for its fsync and rename.
+struct Written {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    prefix: String,
+}
+
+/// Chunk files that may wait for their fsync at once (open files and
+/// memory are bounded; a worker that finds the queue full waits).
+const SYNC_QUEUE: usize = 64;
+
+/// One thread per durable writer that fsyncs each chunk file and renames
+/// it into `objects/` as soon as the file is written, so that the journal
+/// commits of a save overlap the compression of its later chunks instead
+/// of queueing up after the last one.
+struct Syncer {
+    tx: mpsc::SyncSender<Written>,
+    /// Set when the writer is dropped without a flush: the queued files
+    /// are removed rather than renamed.
+    abort: Arc<AtomicBool>,
+    handle: thread::JoinHandle<Vec<Result<String>>>,
+}
+
+impl Syncer {
+    fn start(tmp_dir: &Path) -> Result<Syncer> {
+        let (tx, rx) = mpsc::sync_channel::<Written>(SYNC_QUEUE);
+        let abort = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&abort);
+        let handle = thread::Builder::new()
+            .name("ckpt-fsync".into())
+            .spawn(move || {
+                rx.into_iter()
+                    .filter_map(|w| {
+                        if stop.load(Ordering::Relaxed) {
+                            let _ = fs::remove_file(&w.tmp);
+                            return None;
+                        }
+                        Some(sync_and_rename(w))
+                    })
+                    .collect()
+            })
+            .map_err(|e| Error::io("start the fsync thread for", tmp_dir, e))?;
+        Ok(Syncer { tx, abort, handle })
+    }
+
+    /// Waits for every queued file: the object directory of each renamed
+    /// one, or its error.
+    fn finish(self) -> Vec<Result<String>> {
+        drop(self.tx);
+        self.handle.join().unwrap_or_else(|_| {
+            vec![Err(Error::Invalid(
+                "the fsync thread panicked; no chunk of this save is known to be durable".into(),
+            ))]
+        })
+    }
+}
+
+/// fsync of a written chunk file, then its rename into place; the temp
+/// file is removed when either fails.
+fn sync_and_rename(w: Written) -> Result<String> {
+    let Written {
+        file,
+        tmp,
+        path,
+        prefix,
+    } = w;
+    let synced = fault::point("chunk.before_fsync")
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fault::point("chunk.after_fsync"))
+        .map_err(|e| Error::io("fsync", &tmp, e))
+        .and_then(|()| fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e)));
+    drop(file);
+    if synced.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    synced.and_then(|()| {
+        fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &path, e))
+    })?;
+    Ok(prefix)
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -117,8 +200,24 @@ impl LocalFs {
             checked: Mutex::new(HashSet::new()),
             new_dirs: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
-            pending: Mutex::new(Vec::new()),
+            syncer: Mutex::new(None),
         }
+    }
+
+    /// Hands a written chunk file to the fsync thread (started on first use).
+    fn queue_sync(&self, w: Written) -> Result<()> {
+        let tx = {
+            let mut syncer = self.syncer.lock().expect("lock");
+            if syncer.is_none() {
+                *syncer = Some(Syncer::start(&self.root.join("tmp"))?);
+            }
+            syncer.as_ref().expect("started").tx.clone()
+        };
+        let tmp = w.tmp.clone();
+        tx.send(w).map_err(|_| {
+            let _ = fs::remove_file(&tmp);
+            Error::Invalid("the fsync thread stopped; this save cannot be made durable".into())
+        })
     }
 
     fn objects(&self) -> PathBuf {
@@ -204,10 +303,14 @@ fn start_writeback(f: &File) {
 }
 
 impl Drop for LocalFs {
-    /// Puts that never reached `flush` (an error elsewhere) leave no temp files.
+    /// Puts that never reached `flush` (an error elsewhere) leave no temp
+    /// files, and no thread outlives the writer: files still queued are
+    /// removed (those already renamed are complete objects that no version
+    /// lists, which gc collects).
     fn drop(&mut self) {
-        for (tmp, _, _) in self.pending.get_mut().expect("lock").drain(..) {
-            let _ = fs::remove_file(tmp);
+        if let Some(syncer) = self.syncer.get_mut().expect("lock").take() {
+            syncer.abort.store(true, Ordering::Relaxed);
+            let _ = syncer.finish();
         }
     }
 }
@@ -394,9 +497,15 @@ impl Backend for LocalFs {
             }
             fault::point("chunk.tmp_written").map_err(|e| Error::io("write", &tmp, e))?;
             if self.durable {
-                // Start writeback now; `flush` waits for it (fsync), then renames,
-                // so the disk works while the other chunks are being compressed.
+                // Start writeback now; the fsync thread waits for it and
+                // renames, while the other chunks are being compressed.
                 start_writeback(&f);
+                self.queue_sync(Written {
+                    file: f,
+                    tmp: tmp.clone(),
+                    path: path.clone(),
+                    prefix: prefix.clone(),
+                })?;
                 Ok(false)
             } else {
                 fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))?;
@@ -408,10 +517,7 @@ impl Backend for LocalFs {
                 self.touched.lock().expect("lock").insert(prefix);
                 Ok(())
             }
-            Ok(false) => {
-                self.pending.lock().expect("lock").push((tmp, path, prefix));
-                Ok(())
-            }
+            Ok(false) => Ok(()),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
                 Err(e)
@@ -530,28 +636,8 @@ impl Backend for LocalFs {
             self.deleted.store(false, Ordering::Relaxed);
             return Ok(());
         }
-        let pending: Vec<(PathBuf, PathBuf, String)> =
-            std::mem::take(&mut *self.pending.lock().expect("lock"));
-        let done: Vec<Result<String>> = pending
-            .into_par_iter()
-            .map(|(tmp, path, prefix)| {
-                let synced = fault::point("chunk.before_fsync")
-                    .and_then(|()| File::open(&tmp))
-                    .and_then(|f| f.sync_all())
-                    .and_then(|()| fault::point("chunk.after_fsync"))
-                    .map_err(|e| Error::io("fsync", &tmp, e))
-                    .and_then(|()| {
-                        fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
-                    });
-                if synced.is_err() {
-                    let _ = fs::remove_file(&tmp);
-                }
-                synced.and_then(|()| {
-                    fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &path, e))
-                })?;
-                Ok(prefix)
-            })
-            .collect();
+        let syncer = self.syncer.lock().expect("lock").take();
+        let done: Vec<Result<String>> = syncer.map(Syncer::finish).unwrap_or_default();
         {
             let mut touched = self.touched.lock().expect("lock");
             for prefix in done.iter().flatten() {
