@@ -163,8 +163,9 @@ impl Syncer {
     }
 }
 
-/// fsync of a written chunk file, then its rename into place; the temp
-/// file is removed when either fails.
+/// fsync of a written chunk file, its rename into place and an fsync of its
+/// object directory (so that the end of the save only fsyncs `objects/`);
+/// the temp file is removed when the fsync or the rename fails.
 fn sync_and_rename(w: Written) -> Result<String> {
     let Written {
         file,
@@ -184,6 +185,7 @@ fn sync_and_rename(w: Written) -> Result<String> {
     synced.and_then(|()| {
         fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &path, e))
     })?;
+    fsync_dir(path.parent().expect("an object path has a directory"))?;
     Ok(prefix)
 }
 
@@ -638,12 +640,9 @@ impl Backend for LocalFs {
         }
         let syncer = self.syncer.lock().expect("lock").take();
         let done: Vec<Result<String>> = syncer.map(Syncer::finish).unwrap_or_default();
-        {
-            let mut touched = self.touched.lock().expect("lock");
-            for prefix in done.iter().flatten() {
-                touched.insert(prefix.clone());
-            }
-        }
+        // The fsync thread synced the directories of the chunks it renamed;
+        // `objects/` still needs one fsync for directories created meanwhile.
+        let renamed = done.iter().any(|r| r.is_ok());
         if let Some(Err(e)) = done.into_iter().find(|r| r.is_err()) {
             return Err(e);
         }
@@ -653,7 +652,7 @@ impl Backend for LocalFs {
         } else {
             ("objects.before_dir_fsync", Some("objects.after_dir_fsync"))
         };
-        if !dirs.is_empty() {
+        if !dirs.is_empty() || renamed {
             fault::point(before).map_err(|e| Error::io("fsync directory", self.objects(), e))?;
         }
         dirs.par_iter()
@@ -661,7 +660,7 @@ impl Backend for LocalFs {
         // Also when this writer created no directory: a crashed writer may
         // have created one without making its entry durable.
         self.new_dirs.store(0, Ordering::Relaxed);
-        if !dirs.is_empty() {
+        if !dirs.is_empty() || renamed {
             fsync_dir(&self.objects())?;
             if let Some(after) = after {
                 let _ = fault::point(after); // a kill point only
