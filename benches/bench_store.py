@@ -47,7 +47,10 @@ models the stored size under smaller chunks and delta encodings.
 Each timed operation is preceded by ``sync`` and by warming memory (allocate,
 touch and free up to ``--warm-mib``) because memory the host has taken back is
 slow to touch (see BENCHMARKING.md). ``--cold`` drops the page cache before
-every load.
+every load. numpy's OpenBLAS pool is held to one thread (``OPENBLAS_NUM_THREADS``,
+unless set): no system measured here uses BLAS, but an idle pool thread
+spinning after the workload generator's calls took CPU from the 2-core
+machine during timed steps (3% of a profile of bf16 saves).
 
 ``--sweep`` measures ckpt save/load time and stored bytes for chunk sizes
 {4, 8, 16} MiB and zstd levels {1, 3} (min_saving 0.05) on the synthetic and
@@ -89,6 +92,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: see the docstring
 
 import numpy as np
 
