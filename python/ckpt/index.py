@@ -193,30 +193,44 @@ class Version:
 
     @classmethod
     def from_summary(cls, d: Mapping[str, Any]) -> Version:
-        """Builds a Version from a cache line or a manifest (same field names)."""
+        """Builds a Version from a cache line or a manifest (same field names).
+
+        Runs once per version on every listing (10,000 times for a store of
+        10,000 versions), so the defaults of manifest-only fields are looked
+        up only when the cache-line field is absent.
+        """
+        get = d.get
+        raw_bytes = get("raw_bytes")
+        if raw_bytes is None:
+            raw_bytes = get("stats", {}).get("raw_bytes", 0)
+        new_bytes = get("new_bytes")
+        if new_bytes is None:
+            new_bytes = get("stats", {}).get("new_bytes", 0)
+        n_tensors = get("n_tensors")
+        if n_tensors is None:
+            n_tensors = len(get("tensors", ()))
+        step, epoch, parent = get("step"), get("epoch"), get("parent")
         return cls(
             id=_int(d["id"], "id"),
-            step=_opt_int(d.get("step"), "step"),
-            epoch=_opt_int(d.get("epoch"), "epoch"),
-            metrics=decode_metrics(d.get("metrics", {})),
-            meta=_obj(d.get("meta", {}), "meta"),
+            step=None if step is None else _int(step, "step"),
+            epoch=None if epoch is None else _int(epoch, "epoch"),
+            metrics=decode_metrics(get("metrics", {})),
+            meta=_obj(get("meta", {}), "meta"),
             created=parse_time(d["created"]),
-            raw_bytes=_int(d.get("raw_bytes", d.get("stats", {}).get("raw_bytes", 0)), "raw_bytes"),
-            new_bytes=_int(d.get("new_bytes", d.get("stats", {}).get("new_bytes", 0)), "new_bytes"),
-            parent=_opt_int(d.get("parent"), "parent"),
-            n_tensors=_int(d.get("n_tensors", len(d.get("tensors", ()))), "n_tensors"),
-            trainer=_obj(d.get("trainer", {}), "trainer"),
+            raw_bytes=_int(raw_bytes, "raw_bytes"),
+            new_bytes=_int(new_bytes, "new_bytes"),
+            parent=None if parent is None else _int(parent, "parent"),
+            n_tensors=_int(n_tensors, "n_tensors"),
+            trainer=_obj(get("trainer", {}), "trainer"),
         )
 
 
 def _int(v: object, what: str) -> int:
+    if type(v) is int and v >= 0:  # the common case first (bool is not int here)
+        return v
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
     return v
-
-
-def _opt_int(v: object, what: str) -> int | None:
-    return None if v is None else _int(v, what)
 
 
 def _obj(v: object, what: str) -> dict[str, Any]:
