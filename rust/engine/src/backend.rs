@@ -105,22 +105,33 @@ pub struct LocalFs {
     syncer: Mutex<Option<Syncer>>,
 }
 
-/// A chunk file written to `tmp/`, waiting for its fsync and rename.
+/// A chunk file written (and closed) in `tmp/`, waiting for its fsync and
+/// rename. Dropping it unsynced (the writer's abort, a panic) removes the
+/// temp file.
 struct Written {
-    file: File,
     tmp: PathBuf,
     path: PathBuf,
     prefix: String,
 }
 
-/// Chunk files that may wait for their fsync at once (open files and
-/// memory are bounded; a worker that finds the queue full waits).
+impl Drop for Written {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Chunk files that may wait for their fsync at once (memory is bounded; a
+/// worker that finds the queue full waits). Queued files hold no descriptor.
 const SYNC_QUEUE: usize = 64;
 
 /// One thread per durable writer that fsyncs each chunk file and renames
 /// it into `objects/` as soon as the file is written, so that the journal
 /// commits of a save overlap the compression of its later chunks instead
-/// of queueing up after the last one.
+/// of queueing up after the last one. It takes whatever has queued up as
+/// one batch: each file is fsynced and renamed, then each object directory
+/// of the batch is fsynced once.
 struct Syncer {
     tx: mpsc::SyncSender<Written>,
     /// Set when the writer is dropped without a flush: the queued files
@@ -130,22 +141,34 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(tmp_dir: &Path) -> Result<Syncer> {
+    fn start(objects: PathBuf) -> Result<Syncer> {
         let (tx, rx) = mpsc::sync_channel::<Written>(SYNC_QUEUE);
         let abort = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&abort);
+        let tmp_dir = objects.with_file_name("tmp");
         let handle = thread::Builder::new()
             .name("ckpt-fsync".into())
             .spawn(move || {
-                rx.into_iter()
-                    .filter_map(|w| {
-                        if stop.load(Ordering::Relaxed) {
-                            let _ = fs::remove_file(&w.tmp);
-                            return None;
-                        }
-                        Some(sync_and_rename(w))
-                    })
-                    .collect()
+                let mut done = Vec::new();
+                while let Ok(first) = rx.recv() {
+                    let batch: Vec<Written> = std::iter::once(first).chain(rx.try_iter()).collect();
+                    if stop.load(Ordering::Relaxed) {
+                        continue; // dropping the batch removes its files
+                    }
+                    let renamed: Vec<Result<String>> =
+                        batch.into_iter().map(sync_and_rename).collect();
+                    let mut dirs: Vec<&String> = renamed.iter().flatten().collect();
+                    dirs.sort();
+                    dirs.dedup();
+                    let synced = dirs
+                        .into_iter()
+                        .try_for_each(|prefix| fsync_dir(&objects.join(prefix)));
+                    done.extend(renamed);
+                    if let Err(e) = synced {
+                        done.push(Err(e));
+                    }
+                }
+                done
             })
             .map_err(|e| Error::io("start the fsync thread for", tmp_dir, e))?;
         Ok(Syncer { tx, abort, handle })
@@ -163,30 +186,22 @@ impl Syncer {
     }
 }
 
-/// fsync of a written chunk file, its rename into place and an fsync of its
-/// object directory (so that the end of the save only fsyncs `objects/`);
-/// the temp file is removed when the fsync or the rename fails.
-fn sync_and_rename(w: Written) -> Result<String> {
-    let Written {
-        file,
-        tmp,
-        path,
-        prefix,
-    } = w;
+/// fsync of a written chunk file, then its rename into place (its object
+/// directory is fsynced with the rest of the batch); the temp file is
+/// removed when either fails.
+fn sync_and_rename(mut w: Written) -> Result<String> {
     let synced = fault::point("chunk.before_fsync")
-        .and_then(|()| file.sync_all())
+        .and_then(|()| File::open(&w.tmp))
+        .and_then(|f| f.sync_all())
         .and_then(|()| fault::point("chunk.after_fsync"))
-        .map_err(|e| Error::io("fsync", &tmp, e))
-        .and_then(|()| fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e)));
-    drop(file);
-    if synced.is_err() {
-        let _ = fs::remove_file(&tmp);
+        .map_err(|e| Error::io("fsync", &w.tmp, e))
+        .and_then(|()| fs::rename(&w.tmp, &w.path).map_err(|e| Error::io("rename", &w.path, e)));
+    if synced.is_ok() {
+        w.tmp = PathBuf::new(); // renamed: nothing left to remove
     }
-    synced.and_then(|()| {
-        fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &path, e))
-    })?;
-    fsync_dir(path.parent().expect("an object path has a directory"))?;
-    Ok(prefix)
+    synced?;
+    fault::point("chunk.after_rename").map_err(|e| Error::io("rename", &w.path, e))?;
+    Ok(std::mem::take(&mut w.prefix))
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -211,13 +226,12 @@ impl LocalFs {
         let tx = {
             let mut syncer = self.syncer.lock().expect("lock");
             if syncer.is_none() {
-                *syncer = Some(Syncer::start(&self.root.join("tmp"))?);
+                *syncer = Some(Syncer::start(self.objects())?);
             }
             syncer.as_ref().expect("started").tx.clone()
         };
-        let tmp = w.tmp.clone();
+        // A refused file is dropped with the error, which removes it.
         tx.send(w).map_err(|_| {
-            let _ = fs::remove_file(&tmp);
             Error::Invalid("the fsync thread stopped; this save cannot be made durable".into())
         })
     }
@@ -502,8 +516,8 @@ impl Backend for LocalFs {
                 // Start writeback now; the fsync thread waits for it and
                 // renames, while the other chunks are being compressed.
                 start_writeback(&f);
+                drop(f);
                 self.queue_sync(Written {
-                    file: f,
                     tmp: tmp.clone(),
                     path: path.clone(),
                     prefix: prefix.clone(),
@@ -658,10 +672,12 @@ impl Backend for LocalFs {
         dirs.par_iter()
             .try_for_each(|prefix| fsync_dir(&self.objects().join(prefix)))?;
         // Also when this writer created no directory: a crashed writer may
-        // have created one without making its entry durable.
+        // have created one without making its entry durable, and a failed
+        // save of this process may have renamed chunks (whole, unreferenced)
+        // into new directories that this save now finds and references.
         self.new_dirs.store(0, Ordering::Relaxed);
+        fsync_dir(&self.objects())?;
         if !dirs.is_empty() || renamed {
-            fsync_dir(&self.objects())?;
             if let Some(after) = after {
                 let _ = fault::point(after); // a kill point only
             }
