@@ -504,8 +504,15 @@ fn compress_plane(
     let zstd_err = |e: std::io::Error| Error::Invalid(format!("zstd: {e}"));
     sample_of(plane, sample);
     let entropy = entropy_ratio(sample);
-    // The first blocks of a sample are spread over the whole plane.
-    let lz_probe = &sample[..sample.len().min(LZ_PROBE)];
+    // The first blocks of a large plane's sample are spread over the whole
+    // plane; a small plane (sampled whole) is probed whole when its bytes
+    // look random, since LZ is then its only chance.
+    let whole = plane.len() <= SAMPLE_BLOCK * SAMPLE_BLOCKS && entropy > keep;
+    let lz_probe = if whole {
+        &sample[..]
+    } else {
+        &sample[..sample.len().min(LZ_PROBE)]
+    };
     out.clear();
     out.reserve(zstd::zstd_safe::compress_bound(lz_probe.len()));
     let probe = sample_cctx
@@ -1046,6 +1053,36 @@ mod tests {
         let raw: Vec<u8> = (0..200_000).map(|_| splitmix(&mut x) as u8).collect();
         let (h, _) = round_trip(&raw, 1);
         assert_eq!(h.planes[0].0, Codec::Raw);
+    }
+
+    #[test]
+    fn repeats_beyond_the_probe_window_are_found() {
+        // A small plane (sampled whole) whose first 16 KiB look random and
+        // then repeat: probed whole, LZ finds the repeats.
+        let mut x = 11u64;
+        let block: Vec<u8> = (0..16 << 10).map(|_| splitmix(&mut x) as u8).collect();
+        let raw = block.repeat(4);
+        let (h, file) = round_trip(&raw, 1);
+        assert_eq!(h.planes[0].0, Codec::Zstd);
+        assert!(
+            file.len() < raw.len() / 3,
+            "{} of {}",
+            file.len(),
+            raw.len()
+        );
+        // A large plane: the probe's blocks come from all four quarters.
+        let mut big = vec![0u8; 4 << 20];
+        for (i, b) in big.iter_mut().enumerate() {
+            *b = block[i % 1024];
+        }
+        let (h, file) = round_trip(&big, 1);
+        assert_eq!(h.planes[0].0, Codec::Zstd);
+        assert!(
+            file.len() < big.len() / 20,
+            "{} of {}",
+            file.len(),
+            big.len()
+        );
     }
 
     #[test]
