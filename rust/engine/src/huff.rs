@@ -40,14 +40,18 @@ const HUF_REPEAT_NONE: c_int = 0;
 /// `HUF_flags_bmi2`: use the coder's BMI2 variant (same output, ~1.5x faster).
 const HUF_FLAGS_BMI2: c_int = 1;
 
-/// The coder's flags for this CPU: its BMI2 variant where the CPU has BMI2
-/// (zstd builds both variants and leaves the choice to the caller).
+/// The coder's flags for this CPU: its BMI2 variant where the CPU has what
+/// zstd compiles that variant for (`lzcnt,bmi,bmi2`; zstd builds both
+/// variants and leaves the choice to the caller).
 fn huf_flags() -> c_int {
     #[cfg(target_arch = "x86_64")]
     {
         static FLAGS: std::sync::OnceLock<c_int> = std::sync::OnceLock::new();
         *FLAGS.get_or_init(|| {
-            if std::is_x86_feature_detected!("bmi2") {
+            if std::is_x86_feature_detected!("bmi1")
+                && std::is_x86_feature_detected!("bmi2")
+                && std::is_x86_feature_detected!("lzcnt")
+            {
                 HUF_FLAGS_BMI2
             } else {
                 0
