@@ -296,46 +296,10 @@ mod simd {
     }
 }
 
-/// Rotates every `n`-byte little-endian item of `items` left by one bit
-/// (`n` of 2, 4 or 8): the sign bit of a float moves to the bottom, so the
-/// top byte holds exactly the 8 exponent bits of a bfloat16 or float32.
-pub fn rotl1_items(items: &mut [u8], n: usize) {
-    match n {
-        2 => rot_fixed::<2>(items, true),
-        4 => rot_fixed::<4>(items, true),
-        8 => rot_fixed::<8>(items, true),
-        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
-    }
-}
-
-/// Undoes [`rotl1_items`].
-pub fn rotr1_items(items: &mut [u8], n: usize) {
-    match n {
-        2 => rot_fixed::<2>(items, false),
-        4 => rot_fixed::<4>(items, false),
-        8 => rot_fixed::<8>(items, false),
-        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
-    }
-}
-
-fn rot_fixed<const N: usize>(items: &mut [u8], left: bool) {
-    let bits = 8 * N as u32;
-    let mask = if N == 8 { u64::MAX } else { (1u64 << bits) - 1 };
-    for item in items.chunks_exact_mut(N) {
-        let mut word = [0u8; 8];
-        word[..N].copy_from_slice(item);
-        let v = u64::from_le_bytes(word);
-        let r = if left {
-            ((v << 1) | (v >> (bits - 1))) & mask
-        } else {
-            ((v >> 1) | (v << (bits - 1))) & mask
-        };
-        item.copy_from_slice(&r.to_le_bytes()[..N]);
-    }
-}
-
 /// Splits `n`-byte items (`n` of 2, 4 or 8) into planes after rotating
-/// each left by one bit (see [`rotl1_items`]), in one pass.
+/// each little-endian item left by one bit, in one pass: the sign bit of a
+/// float moves to the bottom, so the top byte holds exactly the 8 exponent
+/// bits of a bfloat16 or float32.
 pub fn split_rot_into(raw: &[u8], n: usize, out: &mut [u8]) {
     match n {
         2 => split_fixed::<2, true>(raw, out),
@@ -367,6 +331,44 @@ pub fn merge(planes: &[u8], n: usize, out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rotates every `n`-byte little-endian item of `items` left by one bit
+    /// (`n` of 2, 4 or 8): the sign bit of a float moves to the bottom, so the
+    /// top byte holds exactly the 8 exponent bits of a bfloat16 or float32.
+    fn rotl1_items(items: &mut [u8], n: usize) {
+        match n {
+            2 => rot_fixed::<2>(items, true),
+            4 => rot_fixed::<4>(items, true),
+            8 => rot_fixed::<8>(items, true),
+            _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
+        }
+    }
+
+    /// Undoes [`rotl1_items`].
+    fn rotr1_items(items: &mut [u8], n: usize) {
+        match n {
+            2 => rot_fixed::<2>(items, false),
+            4 => rot_fixed::<4>(items, false),
+            8 => rot_fixed::<8>(items, false),
+            _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
+        }
+    }
+
+    fn rot_fixed<const N: usize>(items: &mut [u8], left: bool) {
+        let bits = 8 * N as u32;
+        let mask = if N == 8 { u64::MAX } else { (1u64 << bits) - 1 };
+        for item in items.chunks_exact_mut(N) {
+            let mut word = [0u8; 8];
+            word[..N].copy_from_slice(item);
+            let v = u64::from_le_bytes(word);
+            let r = if left {
+                ((v << 1) | (v >> (bits - 1))) & mask
+            } else {
+                ((v >> 1) | (v << (bits - 1))) & mask
+            };
+            item.copy_from_slice(&r.to_le_bytes()[..N]);
+        }
+    }
 
     #[test]
     fn split_then_merge_is_identity_for_every_width() {
