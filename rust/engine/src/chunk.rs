@@ -478,8 +478,10 @@ pub fn encode_to_vec(raw: &[u8], group: usize, opts: &EncodeOptions) -> Result<V
 ///
 /// The choice is made on a sample (16 blocks of 4 KiB spread over the plane),
 /// so no CPU goes into compressing what will not shrink:
-/// * order-0 entropy above the keep ratio: zstd level 1 on the sample tells
-///   whether repeated sequences still make it worth it (else raw);
+/// * order-0 entropy above the keep ratio: zstd level 1 on part of the
+///   sample (4 of its blocks, one per quarter of the plane; a small plane
+///   whole) tells whether repeated sequences still make it worth it (else
+///   raw);
 /// * otherwise an entropy coder pays. If the plane is small, or zstd's LZ
 ///   stage does much better than the entropy estimate on part of the sample
 ///   (runs, repeated patterns), the plane gets zstd at `level`; else an
