@@ -137,7 +137,7 @@ struct Syncer {
     /// Set when the writer is dropped without a flush: the queued files
     /// are removed rather than renamed.
     abort: Arc<AtomicBool>,
-    handle: thread::JoinHandle<Vec<Result<String>>>,
+    handle: thread::JoinHandle<Vec<Result<()>>>,
 }
 
 impl Syncer {
@@ -163,7 +163,7 @@ impl Syncer {
                     let synced = dirs
                         .into_iter()
                         .try_for_each(|prefix| fsync_dir(&objects.join(prefix)));
-                    done.extend(renamed);
+                    done.extend(renamed.into_iter().map(|r| r.map(drop)));
                     if let Err(e) = synced {
                         done.push(Err(e));
                     }
@@ -174,9 +174,9 @@ impl Syncer {
         Ok(Syncer { tx, abort, handle })
     }
 
-    /// Waits for every queued file: the object directory of each renamed
-    /// one, or its error.
-    fn finish(self) -> Vec<Result<String>> {
+    /// Waits for every queued file: one outcome per file (and one per
+    /// failed directory fsync).
+    fn finish(self) -> Vec<Result<()>> {
         drop(self.tx);
         self.handle.join().unwrap_or_else(|_| {
             vec![Err(Error::Invalid(
@@ -653,7 +653,7 @@ impl Backend for LocalFs {
             return Ok(());
         }
         let syncer = self.syncer.lock().expect("lock").take();
-        let done: Vec<Result<String>> = syncer.map(Syncer::finish).unwrap_or_default();
+        let done: Vec<Result<()>> = syncer.map(Syncer::finish).unwrap_or_default();
         // The fsync thread synced the directories of the chunks it renamed;
         // `objects/` still needs one fsync for directories created meanwhile.
         let renamed = done.iter().any(|r| r.is_ok());
