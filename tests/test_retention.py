@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from datetime import datetime, timezone
+
 import numpy as np
 import pytest
 from conftest import object_files
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ckpt
+from ckpt.index import Version
+from ckpt.retention import best_of, ranked
 
 
 def fill(store: ckpt.Store, losses: list[float], shared: bool = False) -> None:
@@ -74,3 +81,24 @@ def test_keep_validation() -> None:
         ckpt.Keep(last=0)
     with pytest.raises(ValueError, match="max_bytes"):
         ckpt.Keep(max_bytes=-5)
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.integers(-3, 3),
+    st.sampled_from([0.5, -0.5, 2.0, math.inf, -math.inf, math.nan]),
+)
+
+
+@given(st.lists(_VALUES, max_size=12), st.sampled_from(["min", "max"]), st.booleans())
+def test_best_of_is_the_first_of_ranked(values: list[object], mode: str, shuffle: bool) -> None:
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    versions = [
+        Version(i + 1, None, None, {} if x is None else {"m": x}, {}, t, 0, 0)  # type: ignore[dict-item]
+        for i, x in enumerate(values)
+    ]
+    if shuffle:  # ties go to the lowest id whatever the order
+        versions.reverse()
+    order = ranked(versions, "m", mode)
+    assert best_of(versions, "m", mode) is (order[0] if order else None)
+    assert best_of(versions, None, mode) is None

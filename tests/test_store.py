@@ -177,6 +177,67 @@ def test_listing_cache_is_derived_and_survives_damage(store: ckpt.Store) -> None
     assert [v.id for v in store.versions()] == [1, 2, 4, 5]
 
 
+def _trainer(i: int) -> dict[str, object]:
+    return {"manager": {"monitor": "m", "mode": "min"}, "early_stopping": {"wait": i, "t": "a\tb"}}
+
+
+def test_listing_cache_lines_keep_the_trainer_state_apart(store: ckpt.Store) -> None:
+    for i in range(3):
+        store.save({"x": np.full(3, i)}, step=i, metrics={"m": float(i)}, trainer=_trainer(i))
+    cache = Path(store.root, "cache", "versions.jsonl")
+    lines = cache.read_bytes().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):  # summary array, one tab, the trainer state's JSON
+        head, tail = line.split(b"\t")
+        row = json.loads(head)
+        v = store.versions()[i]
+        assert row == [
+            v.id, i, None, {"m": float(i)}, {}, v.created.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            24, v.new_bytes, v.parent, 1, len(tail),
+        ]  # fmt: skip
+        assert json.loads(tail) == _trainer(i)  # the tab inside a string is escaped
+    listed = ckpt.Store(store.root).versions()
+    assert [dict(v.trainer) for v in listed] == [_trainer(i) for i in range(3)]
+    assert [dict(v.trainer) for v in listed] == [store.manifest(v.id)["trainer"] for v in listed]
+
+
+def test_listing_cache_lines_of_older_writers_are_read(store: ckpt.Store) -> None:
+    for i in range(3):
+        store.save({"x": np.full(3, i)}, step=i, metrics={"m": float(i)}, trainer=_trainer(i))
+    expected = [(v, dict(v.trainer)) for v in store.versions()]
+    cache = Path(store.root, "cache", "versions.jsonl")
+    keys = ["id", "step", "epoch", "metrics", "meta", "created", "raw_bytes", "new_bytes"]
+    keys += ["parent", "n_tensors"]
+    old = []  # the previous format: one JSON object with the trainer state inside
+    for line in cache.read_bytes().splitlines():
+        head, tail = line.split(b"\t")
+        summary = dict(zip(keys, json.loads(head)[:-1], strict=True))
+        summary["trainer"] = json.loads(tail)
+        old.append(json.dumps(summary, separators=(",", ":")))
+    cache.write_text("\n".join(old) + "\n")
+    stamp = cache.stat().st_mtime_ns
+    listed = ckpt.Store(store.root).versions()
+    assert [(v, dict(v.trainer)) for v in listed] == expected
+    assert cache.stat().st_mtime_ns == stamp  # nothing was missing: no rewrite
+
+
+def test_a_torn_or_damaged_trainer_part_is_read_from_the_manifest(store: ckpt.Store) -> None:
+    for i in range(4):
+        store.save({"x": np.full(3, i)}, step=i, metrics={"m": float(i)}, trainer=_trainer(i))
+    expected = [(v, dict(v.trainer)) for v in store.versions()]
+    cache = Path(store.root, "cache", "versions.jsonl")
+    lines = cache.read_bytes().splitlines(keepends=True)
+    # line 2 torn inside its trainer part, then continued by the next append;
+    # line 4: same length, but the JSON is broken (the cache has no checksum)
+    torn = lines[1][: lines[1].index(b"\t") + 9] + lines[2]
+    broken = lines[3].replace(b'"wait":3', b'"wait"=3')
+    assert len(broken) == len(lines[3])
+    cache.write_bytes(lines[0] + torn + broken)
+    listed = ckpt.Store(store.root).versions()
+    assert [(v, dict(v.trainer)) for v in listed] == expected
+    assert listed[3].trainer["early_stopping"]["wait"] == 3
+
+
 def test_open_existing_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(ckpt.StoreNotFoundError, match="is not a ckpt store") as info:
         ckpt.Store(tmp_path / "nope", create=False)

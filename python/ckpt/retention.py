@@ -16,7 +16,7 @@ that no remaining version uses (deduplication is accounted for).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,26 @@ def ranked(versions: Sequence[Version], metric: str | None, mode: str) -> list[V
     return sorted(have, key=lambda v: (sign * v.metrics[metric], v.id))
 
 
+def best_of(versions: Iterable[Version], metric: str | None, mode: str) -> Version | None:
+    """``ranked(versions, metric, mode)[0]`` (or None) in one pass, without sorting."""
+    if metric is None:
+        return None
+    lower = mode == "min"
+    best: Version | None = None
+    best_value: float = 0.0
+    for v in versions:
+        x = v.metrics.get(metric)
+        if x is None or x != x:
+            continue
+        if (
+            best is None
+            or (x < best_value if lower else x > best_value)
+            or (x == best_value and v.id < best.id)
+        ):
+            best, best_value = v, x
+    return best
+
+
 @dataclass(frozen=True)
 class Plan:
     """What retention keeps and deletes."""
@@ -114,9 +134,9 @@ def plan_retention(
     if not versions:
         return Plan({}, (), 0)
     reasons[versions[-1].id].append("latest")
-    order = ranked(versions, monitor, mode)
-    if order:
-        reasons[order[0].id].append("best")
+    best = best_of(versions, monitor, mode)  # sorts (10,000 versions) only for keep.best
+    if best is not None:
+        reasons[best.id].append("best")
     for vid in sorted(pinned):
         if vid in reasons:
             reasons[vid].append("pinned")
@@ -129,7 +149,7 @@ def plan_retention(
             for v in versions[-keep.last :]:
                 reasons[v.id].append(f"last {keep.last}")
         if keep.best is not None:
-            for v in order[: keep.best]:
+            for v in ranked(versions, monitor, mode)[: keep.best]:
                 reasons[v.id].append(f"best {keep.best} by {monitor}")
         if keep.every_n_steps is not None:
             for v in versions:

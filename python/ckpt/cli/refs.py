@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..index import Version
-from ..retention import ranked
+from ..retention import best_of
 from ..store import Store
 from .errors import EXIT_USAGE, CliError
 
@@ -81,10 +81,7 @@ def monitor_of(
 
 def best_version(versions: list[Version], monitor: Monitor) -> Version | None:
     """The best version (NaN ignored, ties to the earliest), as :meth:`Store.best` decides."""
-    if monitor.metric is None:
-        return None
-    order = ranked(versions, monitor.metric, monitor.mode)
-    return order[0] if order else None
+    return best_of(versions, monitor.metric, monitor.mode)
 
 
 _FORMS = "an id, latest, best, best:METRIC[:min|max] or step=N"
