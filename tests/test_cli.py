@@ -132,6 +132,27 @@ def test_help_lists_every_command_with_examples() -> None:
         assert cmd in r.stdout
 
 
+def test_listing_commands_never_import_numpy(run_store: ckpt.Store) -> None:
+    """`import ckpt`, the parser and ls/best/du stay free of numpy's 50-70 ms import.
+
+    `ckpt ls` on 10,000 versions must answer within 0.3 s as a command
+    (benches/bench_cli_ls.py); numpy was a fifth of that.
+    """
+    code = f"""
+import contextlib, io, sys
+import ckpt
+assert "numpy" not in sys.modules, "import ckpt"
+from ckpt.cli import main
+for argv in (["ls"], ["ls", "--json"], ["best"], ["du"], ["ls", "--sort", "metric"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([argv[0], {run_store.root!r}, *argv[1:]]) == 0, argv
+    assert "numpy" not in sys.modules, argv
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_has_help_with_examples(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -75,6 +75,17 @@ def test_every_dtype_and_shape_round_trips(store: ckpt.Store, dtype: Any, shape:
     same(store.load()["x"], a)
 
 
+def test_the_numpy_free_dtype_table_agrees_with_numpy() -> None:
+    """Manifests are validated with ckpt.dtypes (no numpy import); it must match the adapter."""
+    from ckpt import dtypes
+    from ckpt.adapters import numpy as npa
+
+    assert npa.DTYPE_NAMES == dtypes.DTYPE_NAMES
+    for name in dtypes.DTYPE_NAMES:  # every one loads here: ml_dtypes is a test dependency
+        assert dtypes.itemsize_of(name) == npa.dtype_from_name(name).itemsize, name
+        assert npa.dtype_name(npa.dtype_from_name(name)) == name
+
+
 def test_large_tensor_spans_many_chunks_and_small_ones_share(store: ckpt.Store) -> None:
     rng = np.random.default_rng(1)
     big = rng.standard_normal(200_000).astype(np.float32)  # 800 KB -> 13 chunks of 64 KiB

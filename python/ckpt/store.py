@@ -38,12 +38,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal, overload
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import _core
-from .adapters import numpy as npa
 from .errors import (
     CheckpointError,
     FormatError,
@@ -68,8 +65,12 @@ from .index import (
     seal_manifest,
     version_id_of,
 )
-from .retention import Keep, Plan, plan_retention
+from .retention import Keep, Plan, best_of, plan_retention
 from .tree import Leaf, LeafHook, Opaque, View, flatten, iter_data_nodes, unflatten
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `import ckpt` and `ckpt ls`
+    # stay free of its 50-70 ms import (docs/performance.md)
+    import numpy as np
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -579,6 +580,10 @@ class Store:
             StoreLockedError: another writer kept the lock past ``lock_timeout``.
             OSError: the file system failed; no version is committed.
         """
+        import numpy as np
+
+        from .adapters import numpy as npa
+
         self._raise_pending()
         started = time.perf_counter()
         for name, value in (("step", step), ("epoch", epoch)):
@@ -636,6 +641,8 @@ class Store:
         trainer: dict[str, Any],
     ) -> Version:
         """Writes the chunks and commits the manifest, under the writer lock."""
+        from .adapters import numpy as npa
+
         views = [npa.byte_view(a) for a in arrays]
         groups = [npa.group_width(n) for n in names]
         with self._writer(), self._full_store_errors():
@@ -770,6 +777,8 @@ class Store:
         finished by then: ``save`` waits for it first). Copying into memory
         that is already mapped costs a fraction of faulting in fresh pages;
         the buffer lives until :meth:`close`."""
+        import numpy as np
+
         aligned = [
             (a.nbytes + 63) & ~63 if want else 0 for a, want in zip(arrays, shared, strict=True)
         ]
@@ -895,18 +904,7 @@ class Store:
         """
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        best: Version | None = None
-        for v in self.versions():
-            value = v.metrics.get(metric)
-            if value is None or value != value:
-                continue
-            if best is None:
-                best = v
-                continue
-            current = best.metrics[metric]
-            if (mode == "min" and value < current) or (mode == "max" and value > current):
-                best = v
-        return best
+        return best_of(self.versions(), metric, mode)
 
     def resolve(self, ref: int | Version | str | None) -> int:
         """The id of a version given as an id, a Version, or a string.
@@ -1029,6 +1027,10 @@ class Store:
             UnsafeLoadError: the version holds pickled objects and
                 ``allow_pickle`` is False.
         """
+        import numpy as np
+
+        from .adapters import numpy as npa
+
         vid = self.resolve(version)
         m = self.manifest(vid)
         patterns = [only] if isinstance(only, str) else list(only) if only is not None else None
@@ -1169,6 +1171,8 @@ class Store:
                 the version, the tensors and the chunk).
             FormatError: a chunk header or the manifest's tables are malformed.
         """
+        import numpy as np
+
         tensors = manifest["tensors"]
         indices = list(indices)
         self._probe(int(manifest["id"]), manifest, indices)
@@ -1433,6 +1437,8 @@ class Store:
 
 def _leaf_hook(tree: object, allow_pickle: bool, keep_objects: bool = False) -> LeafHook | None:
     """The flatten hook for framework tensors (torch when it is imported) and opt-in pickle."""
+    import numpy as np
+
     encoder: Any = None
     if "torch" in sys.modules:
         from .adapters import torch as torch_adapter

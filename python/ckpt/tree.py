@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: `import ckpt` and `ckpt ls`
+    # stay free of its 50-70 ms import (docs/performance.md)
+    import numpy as np
 
 __all__ = [
     "MAX_DEPTH",
@@ -148,6 +150,8 @@ def flatten(tree: object, to_leaf: LeafHook | None = None) -> tuple[Node, list[L
         TypeError: a leaf or key is of an unsupported type (the message names
             its path), or the tree nests deeper than :data:`MAX_DEPTH`.
     """
+    import numpy as np
+
     leaves: list[Leaf] = []
     bases: dict[object, int] = {}
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import DTYPE_NAMES
+
 __all__ = [
     "DTYPE_NAMES",
     "as_saveable",
@@ -55,8 +57,6 @@ _ML_DTYPES: dict[str, str] = {
     "F8_E8M0": "float8_e8m0fnu",
 }
 
-#: Every dtype name of the format (some need ml_dtypes to load).
-DTYPE_NAMES: tuple[str, ...] = tuple(_BASE) + tuple(_ML_DTYPES)
 
 _BY_DTYPE: dict[np.dtype[Any], str] = {np.dtype(v): k for k, v in _BASE.items()}
 # optional: bfloat16 / float8, by format name
@@ -140,10 +140,3 @@ def to_native(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     if sys.byteorder == "big" and array.dtype.byteorder == "<":
         return array.astype(array.dtype.newbyteorder("="))
     return array
-
-
-def _itemsize_of(name: str) -> int:
-    """Item size in bytes of a format dtype name (known without ml_dtypes)."""
-    if name in _BASE:
-        return np.dtype(_BASE[name]).itemsize
-    return 2 if name == "BF16" else 1

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..interop.leaves import LeafInfo, list_leaves, read_leaves, typed
 from .errors import EXIT_FAILURE, EXIT_OK
 from .output import Column, Spinner, Table, emit_json, fmt_bytes, fmt_num
 from .refs import add_metric_options, open_store, resolve
+
+if TYPE_CHECKING:  # imported where used: building the parser (every ckpt command) stays
+    # free of numpy's 50-70 ms import
+    import numpy as np
+
+    from ..interop.leaves import LeafInfo
 
 __all__ = ["compare", "register"]
 
@@ -145,6 +148,10 @@ def compare(
         ``n_diff`` (elements whose bytes differ), and for float dtypes
         ``max_abs`` and ``rel`` (None where undefined).
     """
+    import numpy as np
+
+    from ..interop.leaves import typed
+
     item = np.dtype(f"V{leaf.itemsize}") if leaf.itemsize else np.dtype(np.uint8)
     av, bv = a_raw.view(item), b_raw.view(item)
     n_diff = int(np.count_nonzero(av != bv))
@@ -186,6 +193,10 @@ def _leaf_json(x: LeafInfo) -> dict[str, Any]:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..interop.leaves import list_leaves, read_leaves
+
     store = open_store(args.store)
     versions = store.versions()
     va = resolve(store, args.a, args.metric, args.mode, versions)

@@ -34,7 +34,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..index import Version, encode_metrics, format_time
-from ..interop.leaves import list_leaves, select, stored_share
 from ..retention import Keep, plan_retention, ranked
 from ..store import Store
 from .errors import EXIT_OK, EXIT_USAGE, CliError
@@ -326,6 +325,8 @@ def _scalar_leaves(node: Any) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from ..interop.leaves import list_leaves, select, stored_share
+
     store = open_store(args.store)
     versions = store.versions()
     v = resolve(store, args.version, args.metric, args.mode, versions)

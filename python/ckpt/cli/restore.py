@@ -33,15 +33,17 @@ import os
 import shutil
 import urllib.parse
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from ..interop.leaves import LeafInfo, list_leaves, read_leaves, select, typed
-from ..interop.safetensors import SafetensorsWriter, TensorSpec
 from .errors import EXIT_OK, EXIT_USAGE, CliError
 from .output import Progress, emit_json, fmt_bytes, note
 from .refs import add_metric_options, open_store, resolve
+
+if TYPE_CHECKING:  # imported where used: building the parser (every ckpt command) stays
+    # free of numpy's 50-70 ms import
+    import numpy as np
+
+    from ..interop.leaves import LeafInfo
 
 __all__ = ["leaf_file", "output_format", "register"]
 
@@ -122,6 +124,10 @@ def _tmp_name(path: str) -> str:
 
 
 def _write_npz(out: str, stream: Any, force: bool) -> None:
+    import numpy as np
+
+    from ..interop.leaves import typed
+
     tmp = _tmp_name(out)
     try:
         # As numpy.savez: stored (uncompressed) members NAME.npy, zip64 allowed.
@@ -140,6 +146,10 @@ def _write_npz(out: str, stream: Any, force: bool) -> None:
 
 
 def _write_npy(target: str, leaf: LeafInfo, raw: np.ndarray[Any, Any]) -> None:
+    import numpy as np
+
+    from ..interop.leaves import typed
+
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     tmp = f"{target}.{os.getpid()}.tmp"
     try:
@@ -169,6 +179,9 @@ def _write_dir(out: str, stream: Any) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from ..interop.leaves import list_leaves, read_leaves, select
+    from ..interop.safetensors import SafetensorsWriter, TensorSpec
+
     fmt = output_format(args.out)
     store = open_store(args.store)
     v = resolve(store, args.version, args.metric, args.mode)

@@ -17,8 +17,6 @@ import argparse
 import os
 from typing import Any
 
-from ..interop.leaves import list_leaves
-from ..interop.safetensors import export_version, read_import
 from ..store import Store
 from .errors import EXIT_OK, CliError
 from .output import Progress, emit_json, fmt_bytes, note
@@ -69,6 +67,9 @@ def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..interop.leaves import list_leaves
+    from ..interop.safetensors import export_version
+
     store = open_store(args.store)
     v = resolve(store, args.version, args.metric, args.mode)
     if os.path.lexists(args.out) and not args.force:
@@ -97,6 +98,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from ..interop.safetensors import read_import
+
     if args.step is not None and args.step < 0:
         raise CliError("--step must be a non-negative integer", 2)
     created = not os.path.exists(os.path.join(args.store, "ckpt-store.json"))
