@@ -238,6 +238,44 @@ def test_a_torn_or_damaged_trainer_part_is_read_from_the_manifest(store: ckpt.St
     assert listed[3].trainer["early_stopping"]["wait"] == 3
 
 
+def test_a_line_split_inside_a_string_is_skipped_not_raised(store: ckpt.Store) -> None:
+    for i in range(4):
+        store.save({"x": np.full(3, i)}, step=i, meta={"note": f"a-b-{i}"}, trainer=_trainer(i))
+    expected = [(v, dict(v.trainer)) for v in store.versions()]
+    cache = Path(store.root, "cache", "versions.jsonl")
+    data = cache.read_bytes()
+    # one damaged byte each: "-" -> "\n" (the joined JSON stays valid, with one
+    # record more than lines) and "-" -> "\r" in another line
+    data = data.replace(b"a-b-1", b"a\nb-1").replace(b"a-b-2", b"a-b\r2")
+    cache.write_bytes(data)
+    listed = ckpt.Store(store.root).versions()
+    assert [(v, dict(v.trainer)) for v in listed] == expected
+
+
+def test_null_fields_are_damage_not_defaults() -> None:
+    line = {"id": 1, "created": "2026-01-01T00:00:00.000000Z", "raw_bytes": 0, "new_bytes": 0}
+    line["n_tensors"] = 0
+    assert ckpt.Version.from_summary(line).meta == {}  # absent: the default
+    for key in ("metrics", "meta", "trainer"):
+        with pytest.raises(ValueError, match="must be an object"):
+            ckpt.Version.from_summary({**line, key: None})
+
+
+def test_a_damaged_trainer_part_of_an_unreadable_manifest_drops_the_version(
+    store: ckpt.Store,
+) -> None:
+    for i in range(3):
+        store.save({"x": np.full(3, i)}, step=i, metrics={"m": float(i)}, trainer=_trainer(i))
+    cache = Path(store.root, "cache", "versions.jsonl")
+    lines = cache.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"wait":2', b'"wait"=2')
+    cache.write_bytes(b"".join(lines))
+    Path(store.root, "versions", "000000000003.json").write_text("{damaged")
+    listed = ckpt.Store(store.root).versions()
+    assert [v.id for v in listed] == [1, 2]
+    assert listed[-1].trainer["early_stopping"]["wait"] == 1
+
+
 def test_open_existing_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(ckpt.StoreNotFoundError, match="is not a ckpt store") as info:
         ckpt.Store(tmp_path / "nope", create=False)

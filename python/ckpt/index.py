@@ -166,6 +166,8 @@ class Version:
         new_bytes: bytes this version added to the store (new chunks as stored).
         parent: id of the previous latest version at save time.
         n_tensors: number of tensor leaves.
+        trainer: the trainer state recorded with the version (a read-only
+            mapping; ``dict(v.trainer)`` for a dict).
     """
 
     id: int
@@ -273,7 +275,7 @@ class Version:
         get = d.get
         vid, step, epoch, parent = d["id"], get("step"), get("epoch"), get("parent")
         raw_bytes, new_bytes, n_tensors = get("raw_bytes"), get("new_bytes"), get("n_tensors")
-        metrics, meta, trainer = get("metrics"), get("meta"), get("trainer")
+        metrics, meta, trainer = get("metrics", {}), get("meta", {}), get("trainer", {})
         plain = cls._plain(
             vid, step, epoch, metrics, meta, d["created"], raw_bytes, new_bytes, parent,
             n_tensors, trainer,
@@ -286,16 +288,14 @@ class Version:
             new_bytes = get("stats", {}).get("new_bytes", 0)
         if n_tensors is None:
             n_tensors = len(get("tensors", ()))
-        if trainer is None:
-            trainer = {}
-        elif not isinstance(trainer, (dict, _CachedTrainer)):
+        if not isinstance(trainer, (dict, _CachedTrainer)):
             raise ValueError("trainer must be an object")
         return cls(
             id=_int(vid, "id"),
             step=None if step is None else _int(step, "step"),
             epoch=None if epoch is None else _int(epoch, "epoch"),
-            metrics=decode_metrics({} if metrics is None else metrics),
-            meta=_obj({} if meta is None else meta, "meta"),
+            metrics=decode_metrics(metrics),
+            meta=_obj(meta, "meta"),
             created=parse_time(d["created"]),
             raw_bytes=_int(raw_bytes, "raw_bytes"),
             new_bytes=_int(new_bytes, "new_bytes"),
@@ -333,7 +333,7 @@ class _CachedTrainer(Mapping[str, Any]):
                 value = None
             if not isinstance(value, dict):
                 value = self._from_manifest()
-            self._value, self._raw = value, b""
+            self._value = value  # _raw stays: a rewrite in another thread may be copying it
         return value
 
     def _from_manifest(self) -> dict[str, Any]:
@@ -684,10 +684,16 @@ class ListingCache:
             head, tab, rest = line.partition(b"\t")
             heads.append(head)
             tails.append(rest if tab else None)
-        records: list[Any]
-        try:  # fast path: one parse for the whole file
+        records: list[Any] = []
+        with contextlib.suppress(ValueError, RecursionError):  # fast path: one parse
             records = json.loads(b"[" + b",".join(heads) + b"]")
-        except (ValueError, RecursionError):
+        # One record per line, an array exactly where the line has a tab: a
+        # damaged byte can split a line inside a JSON string (a newline) and
+        # still leave the joined text valid, with records and lines paired wrongly.
+        if len(records) != len(heads) or any(
+            (tail is None) == (type(record) is list)
+            for record, tail in zip(records, tails, strict=True)
+        ):
             records = []
             for head in heads:
                 try:
@@ -705,10 +711,13 @@ class ListingCache:
                     if size != len(tail) or tail[:1] != b"{" or tail[-1:] != b"}":
                         continue
                     trainer = _CachedTrainer(tail, versions_dir, vid)
-                    args = (vid, step, epoch, metrics, meta, created, raw, new, parent, n, trainer)
-                    v = plain(*args) or Version.from_summary(
-                        dict(zip(_CACHE_FIELDS, args, strict=True))
+                    # every field of an array line has its plain type, or the line is damaged
+                    found = plain(
+                        vid, step, epoch, metrics, meta, created, raw, new, parent, n, trainer
                     )
+                    if found is None:
+                        continue
+                    v = found
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
             out[v.id] = v

@@ -872,7 +872,18 @@ class Store:
             with contextlib.suppress(VersionNotFoundError, FormatError):
                 cached[vid] = Version.from_summary(self.manifest(vid))
         result = [cached[i] for i in sorted(ids) if i in cached]
-        return result, bool(missing) or len(cached) != len(result)
+        dirty = bool(missing) or len(cached) != len(result)
+        if result:
+            # The latest version's trainer state (the recorded monitor and
+            # policy) is read by most callers; a cache line whose trainer part
+            # is damaged, of a version whose manifest cannot be read either,
+            # leaves that version out, as a damaged line always did.
+            try:
+                len(result[-1].trainer)
+            except FormatError:
+                result.pop()
+                dirty = True
+        return result, dirty
 
     @contextlib.contextmanager
     def _try_writer(self) -> Iterator[None]:
