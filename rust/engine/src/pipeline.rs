@@ -99,10 +99,19 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
     let results: Vec<(ObjectId, Option<u128>, ChunkOutcome)> =
         pool::run_with(opts.threads, || {
             check_space(backend, tensors, &planned)?;
-            planned
-                .par_iter()
-                .map(|c| save_chunk(backend, tensors, c, opts, &claimed))
-                .collect::<Result<Vec<_>>>()
+            // Largest chunks first, each worker taking the next one when it is
+            // free: a large chunk left for last would keep one worker busy
+            // while the others idle (MiniLM saves, interleaved A/B against
+            // plan order: 2-7% faster).
+            let mut order: Vec<usize> = (0..planned.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(planned[i].len));
+            let mut done = order
+                .into_iter()
+                .par_bridge()
+                .map(|i| save_chunk(backend, tensors, &planned[i], opts, &claimed).map(|r| (i, r)))
+                .collect::<Result<Vec<_>>>()?;
+            done.sort_unstable_by_key(|(i, _)| *i);
+            Ok(done.into_iter().map(|(_, r)| r).collect())
         })??;
     backend.flush()?;
 
