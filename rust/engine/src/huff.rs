@@ -11,7 +11,7 @@
 //! The Huffman stage is zstd's own coder, linked from the zstd-sys crate
 //! (pinned in Cargo.toml because these functions are internal to the zstd
 //! release): each block's table is built from a sample of the block
-//! ([`sampled_block`]: `HUF_buildCTable_wksp`, `HUF_writeCTable_wksp`,
+//! (`sampled_block`: `HUF_buildCTable_wksp`, `HUF_writeCTable_wksp`,
 //! `HUF_compress4X_usingCTable`), or, where a sample would mislead, from
 //! the exact histogram that `HUF_compress4X_repeat` counts. Tests check
 //! every frame against zstd's decoder.
