@@ -487,11 +487,6 @@ pub fn encode_to_vec(raw: &[u8], group: usize, opts: &EncodeOptions) -> Result<V
 ///   (runs, repeated patterns), the plane gets zstd at `level`; else an
 ///   entropy-only frame ([`huff`]), which is several times faster and about
 ///   as small on float exponent planes.
-///
-/// The probe of a skewed plane (zstd also Huffman-codes its literals) cost
-/// 6% of a bfloat16 save, so a large skewed plane is first screened on a
-/// quarter of the probe's bytes ([`LZ_SCREEN`]): only when LZ looks
-/// promising there ([`SCREEN_SHARE`]) does the full probe decide.
 fn compress_plane(
     plane: &[u8],
     opts: &EncodeOptions,
@@ -520,24 +515,12 @@ fn compress_plane(
     } else {
         &sample[..sample.len().min(LZ_PROBE)]
     };
-    let mut ratio = |data: &[u8]| -> Result<f64> {
-        out.clear();
-        out.reserve(zstd::zstd_safe::compress_bound(data.len()));
-        Ok(sample_cctx
-            .compress_to_buffer(data, &mut *out)
-            .map_err(zstd_err)? as f64
-            / data.len() as f64)
-    };
-    if entropy <= keep
-        && plane.len() >= SMALL_PLANE
-        && lz_probe.len() == LZ_PROBE
-        && ratio(&screen_of(lz_probe))? >= SCREEN_SHARE * entropy
-    {
-        out.clear();
-        huff::compress(plane, out, huff_ws)?;
-        return Ok(out.len() as f64 <= plane.len() as f64 * keep);
-    }
-    let probe = ratio(lz_probe)?;
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(lz_probe.len()));
+    let probe = sample_cctx
+        .compress_to_buffer(lz_probe, out)
+        .map_err(zstd_err)? as f64
+        / lz_probe.len() as f64;
     let use_lz = if entropy > keep {
         if probe > keep {
             return Ok(false);
@@ -572,34 +555,6 @@ const SAMPLE_BLOCKS: usize = 16;
 /// quarter of the plane (zstd's match finder is the costly part of a probe,
 /// and on float mantissa planes it finds nothing).
 const LZ_PROBE: usize = 4 * SAMPLE_BLOCK;
-/// Bytes that screen a large skewed plane before the LZ probe (see
-/// [`compress_plane`]): the first quarter of each of the probe's blocks, so
-/// that a repeat the probe would find between its spread-out blocks (a
-/// period that puts two of them in phase) shows in the screen too.
-const LZ_SCREEN: usize = LZ_PROBE / 4;
-
-/// The screen's bytes: the first `LZ_SCREEN / 4` bytes of each block of a
-/// full-size LZ probe.
-fn screen_of(probe: &[u8]) -> [u8; LZ_SCREEN] {
-    let piece = LZ_SCREEN / 4;
-    let mut out = [0u8; LZ_SCREEN];
-    for (k, dst) in out.chunks_exact_mut(piece).enumerate() {
-        dst.copy_from_slice(&probe[k * SAMPLE_BLOCK..k * SAMPLE_BLOCK + piece]);
-    }
-    out
-}
-
-/// The LZ screen passes a skewed plane on to the full probe when zstd comes
-/// within this share of the entropy estimate on [`LZ_SCREEN`] bytes (the
-/// probe then asks for 80%). Lenient, because 4 KiB carries a larger share
-/// of frame and table overhead than the 16 KiB probe. On the MiniLM weights
-/// and on pruned, block-sparse, tiled, quantised, half-zero and ReLU tensors
-/// (fp32 and bf16) every plane gets the coder it got without the screen.
-/// Random-looking planes are not screened: their probe decides between raw
-/// and LZ, and a repeat period longer than a screen piece shows in it only
-/// in part.
-const SCREEN_SHARE: f64 = 0.95;
-
 /// The order in which the sample takes its blocks (by position in the
 /// plane): its first four are spread over the whole plane.
 const SAMPLE_ORDER: [usize; SAMPLE_BLOCKS] = [0, 5, 10, 15, 1, 6, 11, 2, 7, 12, 3, 8, 13, 4, 9, 14];
@@ -1130,53 +1085,6 @@ mod tests {
             file.len(),
             big.len()
         );
-    }
-
-    #[test]
-    fn the_lz_screen_keeps_lz_for_skewed_planes_that_repeat() {
-        // Skewed bytes (as an exponent plane: a few values, one common): i.i.d.
-        // they take the Huffman frame; the same bytes repeating with a period
-        // shorter or longer than a screen piece (1 KiB) must still get LZ, as
-        // they did with the probe alone.
-        let mut x = 5u64;
-        let mut skewed = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    let r = splitmix(&mut x);
-                    120 + (r.trailing_zeros().min(7) as u8) + ((r >> 60) as u8 & 1) * 8
-                })
-                .collect()
-        };
-        let iid = skewed(1 << 20);
-        let (h, huff) = round_trip(&iid, 1);
-        assert_eq!(h.planes[0].0, Codec::Zstd);
-        let bits = {
-            let mut count = [0usize; 256];
-            iid.iter().for_each(|&b| count[b as usize] += 1);
-            let n = iid.len() as f64;
-            count
-                .iter()
-                .filter(|&&c| c > 0)
-                .map(|&c| -(c as f64) * (c as f64 / n).log2())
-                .sum::<f64>()
-        };
-        let (lo, hi) = (bits / 8.0, bits / 8.0 * 1.05);
-        assert!(
-            (lo..hi).contains(&(huff.len() as f64)),
-            "{} vs {lo}",
-            huff.len()
-        );
-        for period in [2 << 10, 8 << 10] {
-            let unit = skewed(period);
-            let plane: Vec<u8> = unit.iter().copied().cycle().take(1 << 20).collect();
-            let (h, file) = round_trip(&plane, 1);
-            assert_eq!(h.planes[0].0, Codec::Zstd);
-            assert!(
-                file.len() < plane.len() / 20,
-                "period {period}: {}",
-                file.len()
-            );
-        }
     }
 
     #[test]
