@@ -1088,6 +1088,28 @@ mod tests {
     }
 
     #[test]
+    fn identical_rows_longer_than_a_probe_block_still_get_lz() {
+        // A bf16 [96, 8192] tensor whose rows are all the same: each plane
+        // repeats every 8 KiB, which the probe finds between its spread-out
+        // 4 KiB blocks (a cheaper 4 KiB screen once missed it: 24x larger).
+        let mut x = 11u64;
+        let row: Vec<u8> = (0..8192)
+            .flat_map(|_| {
+                let v = (splitmix(&mut x) >> 40) as f32 / (1u64 << 24) as f32 * 0.04 - 0.02;
+                ((v.to_bits() >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        let raw: Vec<u8> = row.iter().copied().cycle().take(96 * row.len()).collect();
+        let (_, file) = round_trip(&raw, 2);
+        assert!(
+            file.len() < raw.len() / 40,
+            "{} of {}",
+            file.len(),
+            raw.len()
+        );
+    }
+
+    #[test]
     fn patches_touch_exactly_the_changed_runs() {
         let base = floats(10_001); // a length that is not a multiple of 8
         for changes in [

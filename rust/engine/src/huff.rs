@@ -244,6 +244,9 @@ fn sampled_block(
     ws: &mut HuffWorkspace,
     flags: c_int,
 ) -> Result<Option<usize>> {
+    if block.len() < MIN_SAMPLED_BLOCK {
+        return Ok(None);
+    }
     let (lo, hi) = min_max(block);
     if lo == hi {
         return Ok(Some(1)); // one repeated byte
@@ -252,7 +255,11 @@ fn sampled_block(
     let stride = block.len() / SAMPLE_PIECES;
     let mut tables = [[0u32; 256]; 4];
     for k in 0..SAMPLE_PIECES {
-        let slice = &block[k * stride..k * stride + piece];
+        // Each slice at a different offset within its stride: rows of 2, 4
+        // or 8 KiB would otherwise show the sample the same columns only.
+        // In bounds: (k % SAMPLE_SHARE + 1) * piece <= stride.
+        let at = k * stride + (k % SAMPLE_SHARE) * piece;
+        let slice = &block[at..at + piece];
         let mut quads = slice.chunks_exact(4);
         for q in &mut quads {
             // four tables: runs of one value would otherwise serialise the increments
@@ -334,8 +341,10 @@ fn sampled_block(
                 "zstd Huffman coder failed (code {n})"
             )));
         }
-        if n == 0 {
-            return Ok(Some(0));
+        if n == 0 || head + n + 6 >= block.len() {
+            // no gain over a raw block: the sampled table may be what failed,
+            // so the exact path decides
+            return Ok(None);
         }
         let sampled = (piece * SAMPLE_PIECES) as f64;
         let expect = HUF_estimateCompressedSize(table, count.as_ptr(), max_symbol) as f64
@@ -350,8 +359,11 @@ fn sampled_block(
 
 /// Slices of a block whose byte counts build its Huffman table.
 const SAMPLE_PIECES: usize = 16;
-/// The sample is 1/SAMPLE_SHARE of the block (8 KiB... 16 KiB of 128 KiB).
+/// The sample is 1/SAMPLE_SHARE of the block (16 KiB of 128 KiB).
 const SAMPLE_SHARE: usize = 8;
+/// Shorter blocks (a plane's last) take the exact path: the sample would be
+/// a few hundred bytes and the size check's fixed slack too loose.
+const MIN_SAMPLED_BLOCK: usize = 16 << 10;
 /// Most byte values a sampled table may add for values the sample missed.
 const MAX_PHANTOMS: usize = 16;
 /// A sampled table is kept when the block codes to at most this multiple of
@@ -502,6 +514,30 @@ mod tests {
             coded(&vec![9u8; 3 * BLOCK], true),
             coded(&vec![9u8; 3 * BLOCK], false)
         );
+    }
+
+    #[test]
+    fn a_sampled_table_that_overflows_falls_back_instead_of_storing_raw() {
+        // Skewed values where the sample looks; elsewhere ten others it never
+        // sees (long phantom codes): the sampled coding overflows the block.
+        let piece = BLOCK / (SAMPLE_SHARE * SAMPLE_PIECES);
+        let stride = BLOCK / SAMPLE_PIECES;
+        let mut sampled = vec![false; BLOCK];
+        for k in 0..SAMPLE_PIECES {
+            let at = k * stride + (k % SAMPLE_SHARE) * piece;
+            sampled[at..at + piece].fill(true);
+        }
+        let fill = exponents(BLOCK, 99);
+        let src: Vec<u8> = (0..BLOCK)
+            .map(|i| match (sampled[i], i % 4000 == 1) {
+                (true, true) => 30,
+                (true, false) => fill[i] - 108, // 10..=19
+                (false, _) => 20 + fill[i] % 10,
+            })
+            .collect();
+        let (fast, exact) = (coded(&src, true), coded(&src, false));
+        assert!(exact.len() < BLOCK * 6 / 10);
+        assert_eq!(fast.len(), exact.len());
     }
 }
 
