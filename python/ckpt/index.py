@@ -755,10 +755,11 @@ class ListingCache:
             os.replace(tmp, self.path)
 
 
-#: The fields of a listing-cache line's array, in order (docs/format.md, section 12).
+#: The summary fields of a listing-cache line's array, in order; the trainer
+#: part's length follows them (docs/format.md, section 12).
 _CACHE_FIELDS = (
     "id", "step", "epoch", "metrics", "meta", "created", "raw_bytes", "new_bytes", "parent",
-    "n_tensors", "trainer",
+    "n_tensors",
 )  # fmt: skip
 
 
@@ -775,7 +776,7 @@ def _cache_line(version: Version) -> bytes:
         trainer = cached._raw  # a rewrite of 10,000 lines need not parse every trainer state
     else:
         trainer = json.dumps(dict(cached), separators=(",", ":"), allow_nan=False).encode()
-    row = [summary[k] for k in _CACHE_FIELDS[:-1]]
+    row = [summary[k] for k in _CACHE_FIELDS]
     row.append(len(trainer))
     head = json.dumps(row, separators=(",", ":"), allow_nan=False).encode()
     return head + b"\t" + trainer + b"\n"

@@ -325,9 +325,6 @@ fn sampled_block(
             // than 128 values): zstd codes such a block raw; leave it to zstd
             return Ok(None);
         }
-        if head + 12 >= block.len() {
-            return Ok(Some(0));
-        }
         let n = HUF_compress4X_usingCTable(
             dst.add(head).cast(),
             bound - head,
