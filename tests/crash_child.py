@@ -95,16 +95,30 @@ def run(root: str, ops: list[str], ready: Callable[[], None] | None = None) -> i
     return 0
 
 
+def wait_for_marks(pid: int, env: dict[str, str], count: int) -> int | None:
+    """Poll until the child has made ``count`` marks; its wait status if it
+    exited first (reaped here), else None."""
+    while count and len(os.listdir(env["CKPT_MARKS"])) < count:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.0005)
+    return None
+
+
 def serve() -> None:
     """Fork server: one JSON request per stdin line, ``{"root", "ops", "env",
-    "fsize", "kill_after"}``; answers ``{"returncode", "stderr", "ready_at"}``
+    "fsize", "kill_after", "kill_after_marks"}``; answers ``{"returncode", "stderr", "ready_at"}``
     with the returncode as subprocess reports it (negative: killed by that signal).
 
     Each request runs in a process forked from this one, which has imported
     ckpt but never reached a fault point, so each child reads CKPT_FAULT
     afresh, as a new process would, without paying for the imports again.
     With ``kill_after`` the server SIGKILLs the child that many seconds after
-    it opened the store (the child's ops are running then).
+    it opened the store (the child's ops are running then); with
+    ``kill_after_marks`` K as well, that many seconds after the child's K-th
+    op returned (its mark appeared in ``CKPT_MARKS``), so that a kill lands in
+    the op the test chose however fast this machine runs today.
     """
     for line in sys.stdin:
         req = json.loads(line)
@@ -132,12 +146,16 @@ def serve() -> None:
         os.read(ready_r, 1)  # returns when the child closed its end (ready or dead)
         os.close(ready_r)
         ready_at = time.time()
+        status = None
         if req.get("kill_after") is not None:
-            time.sleep(req["kill_after"])
-            os.kill(pid, signal.SIGKILL)
+            status = wait_for_marks(pid, req["env"], req.get("kill_after_marks") or 0)
+            if status is None:
+                time.sleep(req["kill_after"])
+                os.kill(pid, signal.SIGKILL)
         with os.fdopen(err_r, "rb") as err:
             stderr = err.read().decode(errors="replace")
-        _, status = os.waitpid(pid, 0)
+        if status is None:
+            _, status = os.waitpid(pid, 0)
         returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         answer = {"returncode": returncode, "stderr": stderr, "ready_at": ready_at}
         print(json.dumps(answer), flush=True)

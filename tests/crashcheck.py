@@ -160,6 +160,7 @@ class Children:
         fsize: int | None = None,
         marks: str | os.PathLike[str] | None = None,
         kill_after: float | None = None,
+        kill_after_marks: int = 0,
     ) -> Result:
         env = {}
         if fault:
@@ -174,6 +175,7 @@ class Children:
             "env": env,
             "fsize": fsize,
             "kill_after": kill_after,
+            "kill_after_marks": kill_after_marks,
         }
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(json.dumps(request) + "\n")
