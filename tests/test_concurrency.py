@@ -147,7 +147,7 @@ def test_readers_do_not_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> No
         assert [v.id for v in store.versions()] == [1]
         assert_same(store.load(1), tree_for(1))
         assert store.verify()[0].ok
-        assert time.monotonic() - t0 < 2.0  # nobody waited for the lock
+        assert time.monotonic() - t0 < 5.0  # nobody waited for the lock (held 10 s)
         with pytest.raises(ckpt.StoreLockedError, match="locked by another writer"):
             ckpt.Store(root, lock_timeout=0.2).save(tree_for(2))
     finally:
@@ -202,9 +202,9 @@ def test_a_killed_writer_leaves_no_stale_lock_and_the_next_one_recovers(
     recovered = []
     real = ckpt.Store._recover
     monkeypatch.setattr(ckpt.Store, "_recover", lambda self: recovered.append(real(self)))
-    t0 = time.monotonic()
+    # a lock still held would raise StoreLockedError after 0.5 s: the flock died with
+    # its process (no wall-clock bound on the save itself, which a loaded machine slows)
     v = ckpt.Store(root, lock_timeout=0.5, **CHUNKS).save(tree_for(2), step=2)
-    assert time.monotonic() - t0 < 0.5  # taken at once: the flock died with its process
     assert recovered == [None]  # the unclean holder line made it fsync the store first
     assert Path(root, "lock").read_text() == ""  # a clean release leaves no holder
     assert not list(Path(root, "tmp").iterdir())
