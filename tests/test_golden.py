@@ -38,6 +38,7 @@ def _load_module(name: str, path: Path) -> Any:
 golden = _load_module("make_golden", HERE / "data" / "make_golden.py")
 import reference_reader as ref  # noqa: E402  (tests/ is on sys.path, as for conftest)
 import treecmp  # noqa: E402
+from conftest import set_packing  # noqa: E402
 
 assert_same = treecmp.assert_same
 
@@ -148,12 +149,12 @@ def test_golden_store_covers_the_format(golden_copy: Path) -> None:
 
 
 def test_the_current_writer_reproduces_the_golden_chunks(tmp_path: Path) -> None:
-    """Saving the same trees today gives the same chunk ids, tables and skeletons."""
-    store = ckpt.Store(
-        tmp_path / "fresh",
-        chunk_size=golden.CHUNK_SIZE,
-        small_threshold=golden.SMALL_THRESHOLD,
-    )
+    """Saving the same trees today gives the same chunk ids, tables and skeletons,
+    under the packing rule the golden store was made with ("width": no key)."""
+    params = {"chunk_size": golden.CHUNK_SIZE, "small_threshold": golden.SMALL_THRESHOLD}
+    set_packing(ckpt.Store(tmp_path / "fresh", **params).root, None)
+    store = ckpt.Store(tmp_path / "fresh", **params)
+    assert not store.size_classes
     for vid, spec in zip(IDS, EXPECTED, strict=True):
         kwargs = {k: v for k, v in spec.items() if k != "tree"}
         assert store.save(spec["tree"], **kwargs).id == vid

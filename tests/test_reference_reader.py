@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 
 import reference_reader as ref  # noqa: E402  (tests/ is on sys.path, as for conftest)
+from conftest import set_packing  # noqa: E402
 from treecmp import assert_same, to_native  # noqa: E402
 
 CHUNK = 64 * 1024
@@ -277,12 +278,13 @@ def test_zstd_header_example_of_the_document(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ planning (section 6)
 def plan(
-    tensors: list[tuple[int, int]], chunk_size: int, small_threshold: int
+    tensors: list[tuple[int, int]], chunk_size: int, small_threshold: int, size_classes: bool
 ) -> list[tuple[int, list[tuple[int, int, int]]]]:
     """docs/format.md section 6: planned chunks as (group, [(tensor, offset, length)])."""
     small_threshold = min(small_threshold, chunk_size)
     large: list[tuple[int, list[tuple[int, int, int]]]] = []
-    packs: dict[int, list[list[Any]]] = {}  # insertion order = first appearance
+    # (width, tiny?) -> packs; insertion order = first appearance
+    packs: dict[tuple[int, bool], list[list[Any]]] = {}
     for t, (length, group) in enumerate(tensors):
         group = max(group, 1)
         if length == 0:
@@ -292,25 +294,31 @@ def plan(
             for off in range(0, length, step):
                 large.append((group, [(t, off, min(step, length - off))]))
             continue
-        lst = packs.setdefault(group, [])
-        if not lst or lst[-1][0] + length > chunk_size:
+        tiny = size_classes and length < small_threshold // 16
+        capacity = chunk_size if tiny or not size_classes else min(chunk_size, 2 * small_threshold)
+        lst = packs.setdefault((group, tiny), [])
+        if not lst or lst[-1][0] + length > capacity:
             lst.append([0, []])
         lst[-1][0] += length
         lst[-1][1].append((t, 0, length))
     out = list(large)
-    for group, lst in packs.items():
+    for (group, _), lst in packs.items():
         out.extend((group, pieces) for _, pieces in lst)
     return out
 
 
 def expected_tables(
-    manifest: dict[str, Any], arrays: list[bytes], chunk_size: int, small_threshold: int
+    manifest: dict[str, Any],
+    arrays: list[bytes],
+    chunk_size: int,
+    small_threshold: int,
+    size_classes: bool,
 ) -> tuple[list[list[Any]], list[list[list[int]]]]:
     sizes = [(t["nbytes"], ref.DTYPES[t["dtype"]][2]) for t in manifest["tensors"]]
     table: list[list[Any]] = []
     index: dict[str, int] = {}
     spans: list[list[list[int]]] = [[] for _ in sizes]
-    for _, pieces in plan(sizes, chunk_size, small_threshold):
+    for _, pieces in plan(sizes, chunk_size, small_threshold, size_classes):
         raw = b"".join(arrays[t][o : o + n] for t, o, n in pieces)
         cid = blake3.blake3(raw).hexdigest()
         if cid not in index:
@@ -323,15 +331,24 @@ def expected_tables(
     return table, spans
 
 
+@pytest.mark.parametrize("packing", ["size-classes", None])
 @pytest.mark.parametrize(
     ("chunk_size", "small_threshold"), [(CHUNK, SMALL), (4096, 1000), (20_000, 20_000)]
 )
 def test_chunk_table_follows_the_planning_rules(
-    tmp_path: Path, chunk_size: int, small_threshold: int
+    tmp_path: Path, chunk_size: int, small_threshold: int, packing: str | None
 ) -> None:
-    store = ckpt.Store(tmp_path / "s", chunk_size=chunk_size, small_threshold=small_threshold)
+    """Section 6, under either packing rule (None: a marker without the key)."""
+    params = {"chunk_size": chunk_size, "small_threshold": small_threshold}
+    set_packing(ckpt.Store(tmp_path / "s", **params).root, packing)
+    store = ckpt.Store(tmp_path / "s", **params)
+    assert store.size_classes == (packing is not None)
     tree = varied_tree(3)
     tree["dup"] = tree["model"]["w"].copy()  # equal bytes: one chunk table entry each
+    # mid-size tensors enough to fill several capped packs (rule 3), between tiny ones
+    tree["mid"] = [
+        np.arange(n, dtype=np.float32) + i for i, n in enumerate([300, 3000, 700, 3000, 1500, 20])
+    ]
     v = store.save(tree)
     m = store.manifest(v.id)
     got, _ = ref.read_version(store.root, v.id)
@@ -346,7 +363,7 @@ def test_chunk_table_follows_the_planning_rules(
             else:
                 leaf = leaf[int(part)]
         arrays.append(np.asarray(leaf).tobytes())
-    table, spans = expected_tables(m, arrays, chunk_size, small_threshold)
+    table, spans = expected_tables(m, arrays, chunk_size, small_threshold, packing is not None)
     assert [c[:2] for c in m["chunks"]] == table
     assert [t["spans"] for t in m["tensors"]] == spans
 

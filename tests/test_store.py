@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import object_files
+from conftest import object_files, set_packing
 
 import ckpt
 
@@ -402,6 +402,63 @@ def test_chunking_parameters_are_recorded_so_reopened_stores_still_dedup(tmp_pat
     again = ckpt.Store(tmp_path / "s")  # no parameters: the recorded ones
     assert (again.chunk_size, again.small_threshold) == (64 * 1024, 4096)
     assert again.save(tree).new_bytes == 0
+
+
+def test_packing_rule_is_recorded_and_older_stores_keep_theirs(tmp_path: Path) -> None:
+    marker = Path(ckpt.Store(tmp_path / "new").root, "ckpt-store.json")
+    assert json.loads(marker.read_text())["packing"] == "size-classes"
+    # a store made before the key existed: its writers keep the "width" rule, so
+    # a mid-size tensor and a bias still share the pack they always shared
+    tree = {"w": np.arange(100_000, dtype=np.float32), "b": np.ones(10, np.float32)}
+    old = ckpt.Store(tmp_path / "old", durable=False)
+    set_packing(old.root, None)
+    old = ckpt.Store(tmp_path / "old", durable=False)
+    assert not old.size_classes
+    v = old.save(tree)
+    assert len(old.manifest(v.id)["chunks"]) == 1
+    assert ckpt.Store(tmp_path / "old").save(tree).new_bytes == 0
+    new = ckpt.Store(tmp_path / "new", durable=False)
+    assert len(new.manifest(new.save(tree).id)["chunks"]) == 2
+    set_packing(new.root, "some-future-rule")  # unknown: this writer's own rule
+    assert ckpt.Store(tmp_path / "new").save(tree).new_bytes == 0
+    info = json.loads(marker.read_text())
+    info["packing"] = 2
+    marker.write_text(json.dumps(info))
+    with pytest.raises(ckpt.FormatError, match="packing must be a string"):
+        ckpt.Store(tmp_path / "new")
+
+
+def test_default_packing_keeps_partial_fine_tuning_small(tmp_path: Path) -> None:
+    """Default chunking of a small transformer block: the mid-size matrices share
+    a few packs of at most 2 MiB, the biases and norms a pack of their own. A
+    step that trains only the biases (BitFit) rewrites no matrix; one that
+    trains one matrix rewrites at most its pack."""
+    store = ckpt.Store(tmp_path / "s", durable=False)
+    assert (store.chunk_size, store.small_threshold) == (8 << 20, 1 << 20)
+    rng = np.random.default_rng(0)
+    tree: dict[str, np.ndarray] = {}
+    for i in range(8):  # 590 KB matrices, each followed by its bias and norm
+        tree[f"l{i}.w"] = rng.standard_normal((384, 384), dtype=np.float32)
+        tree[f"l{i}.b"] = rng.standard_normal(384, dtype=np.float32)
+        tree[f"l{i}.ln"] = rng.standard_normal(384, dtype=np.float32)
+    first = store.save(tree)
+    matrices = [n for n in tree if n.endswith(".w")]
+    small = [n for n in tree if not n.endswith(".w")]
+    chunks = store.manifest(first.id)["chunks"]
+    assert len(chunks) == 4  # 3 + 3 + 2 matrices, and the 16 vectors
+    assert len(object_files(store.root)) == 4
+    for n in small:
+        tree[n] = tree[n] + np.float32(1e-3)
+    bitfit = store.save(tree)
+    assert 0 < bitfit.new_bytes <= sum(tree[n].nbytes for n in small) + 4096
+    tree["l4.w"] = tree["l4.w"] + np.float32(1e-3)
+    one = store.save(tree)
+    # its pack (l3-l5) is rewritten, at most 2 MiB raw; the other 5 matrices are not
+    assert 0.8 * tree["l4.w"].nbytes < one.new_bytes <= 2 << 20
+    assert one.new_bytes < sum(tree[n].nbytes for n in matrices) / 2
+    loaded = store.load(one.id)
+    for n, a in tree.items():
+        assert np.array_equal(loaded[n], a)
 
 
 def test_version_references(store: ckpt.Store) -> None:

@@ -31,6 +31,7 @@ def save_chunks(
     threads: int | None = None,
     bases: Sequence[Sequence[tuple[int, int, str, int | None]]] | None = None,
     delta_depth: int = 0,
+    size_classes: bool = True,
 ) -> tuple[
     list[tuple[str, int, int, bool, str | None, int | None]],
     list[list[tuple[int, int, int]]],

@@ -92,9 +92,14 @@ LAYOUT = ("objects", "versions", "pins", "tmp", "cache")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: Raw size of a chunk (see benches/bench_store.py for the measurement behind it).
 DEFAULT_CHUNK_SIZE = 8 << 20
-#: Tensors below this size are packed together into shared chunks (small, so
-#: that a changing bias does not drag a frozen mid-size tensor into a new chunk).
-DEFAULT_SMALL_THRESHOLD = 256 << 10
+#: Tensors below this size are packed together into shared chunks, tiny ones
+#: (below 1/16 of it: biases, norms) apart from mid-size ones, and mid-size
+#: packs of at most twice this size: a changing bias never rewrites a frozen
+#: matrix, and a small model is a few dozen files (docs/format.md section 6).
+DEFAULT_SMALL_THRESHOLD = 1 << 20
+#: The packing rule new stores record (docs/format.md sections 3 and 6); a
+#: store whose marker names none was made with the older "width" rule.
+PACKING = "size-classes"
 #: zstd level of compressed planes.
 DEFAULT_LEVEL = 1
 #: A plane is stored compressed only if that saves at least this fraction.
@@ -205,7 +210,8 @@ class Store:
             recorded when the store was created (so that later versions cut
             tensors the same way and deduplicate), else 8 MiB.
         small_threshold: tensors smaller than this are packed together
-            (None: as recorded, else 256 KiB).
+            (None: as recorded, else 1 MiB): those under 1/16 of it in packs
+            of up to ``chunk_size``, the others in packs of up to twice it.
         level: zstd level for compressible byte planes.
         min_saving: a plane is compressed only if that saves this fraction.
         durable: fsync chunks, manifests and directories (False: scratch use).
@@ -276,6 +282,9 @@ class Store:
             int(small_threshold or recorded.get("small_threshold") or DEFAULT_SMALL_THRESHOLD),
             self.chunk_size,
         )
+        # the rule this store's chunks were planned with: another one would
+        # still read back, but would not deduplicate against them
+        self.size_classes = recorded.get("packing", "width") != "width"
         self._cache = ListingCache(self.root)
         self._chunk_maps: dict[int, dict[str, int]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -311,6 +320,7 @@ class Store:
                 "created": _now_text(),
                 "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
                 "small_threshold": int(small_threshold or DEFAULT_SMALL_THRESHOLD),
+                "packing": PACKING,
             }
             # The layout's entries and the marker become durable with the root;
             # a new root also needs its own entry in its parent fsynced.
@@ -345,6 +355,8 @@ class Store:
         for key in ("chunk_size", "small_threshold"):
             if key in info and (isinstance(info[key], bool) or not isinstance(info[key], int)):
                 raise FormatError(f"{marker}: {key} must be an int")
+        if not isinstance(info.get("packing", ""), str):
+            raise FormatError(f"{marker}: packing must be a string")
         return info
 
     def __repr__(self) -> str:
@@ -660,6 +672,7 @@ class Store:
                 threads=self.threads,
                 bases=bases,
                 delta_depth=self.delta_depth,
+                size_classes=self.size_classes,
             )
             table = chunk_table(chunks, deps)
             # fingerprints of this save's chunks, for the next save's bases

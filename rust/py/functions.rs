@@ -40,7 +40,8 @@ fn chunk_refs(chunks: &[(String, u64)]) -> PyResult<Vec<ChunkRef>> {
 /// version `(offset, len, id, fingerprint or None)` that new chunks covering
 /// exactly those bytes may be stored as deltas against, in chains of at most
 /// `delta_depth`, and that such a chunk is taken to be when its XXH3-128
-/// fingerprint matches (no BLAKE3 pass).
+/// fingerprint matches (no BLAKE3 pass). `size_classes` picks the packing
+/// rule of docs/format.md section 6 (False: the "width" rule of older stores).
 ///
 /// Returns the distinct chunks `(id, raw_len, stored_len, written, base,
 /// fingerprint)`,
@@ -48,7 +49,7 @@ fn chunk_refs(chunks: &[(String, u64)]) -> PyResult<Vec<ChunkRef>> {
 /// order, and the delta bases that are not chunks themselves
 /// `(id, raw_len, stored_len, base)` (every object a reader needs).
 #[pyfunction]
-#[pyo3(signature = (root, buffers, groups, *, chunk_size, small_threshold, level, min_saving, durable, threads=None, bases=None, delta_depth=0))]
+#[pyo3(signature = (root, buffers, groups, *, chunk_size, small_threshold, level, min_saving, durable, threads=None, bases=None, delta_depth=0, size_classes=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn save_chunks(
     py: Python<'_>,
@@ -63,6 +64,7 @@ pub fn save_chunks(
     threads: Option<usize>,
     bases: Option<Vec<Vec<OfferedBase>>>,
     delta_depth: u32,
+    size_classes: bool,
 ) -> PyResult<SaveResult> {
     if groups.len() != buffers.len() {
         return Err(PyValueError::new_err(format!(
@@ -101,6 +103,7 @@ pub fn save_chunks(
         chunks: ChunkParams {
             chunk_size,
             small_threshold,
+            size_classes,
         },
         encode: EncodeOptions { level, min_saving },
         threads,

@@ -1242,6 +1242,7 @@ mod tests {
             chunks: ChunkParams {
                 chunk_size: 64 << 10,
                 small_threshold: 16 << 10,
+                size_classes: true,
             },
             threads: Some(threads),
             ..Default::default()
