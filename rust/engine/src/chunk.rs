@@ -381,6 +381,21 @@ impl Encoder {
         group: usize,
         opts: &EncodeOptions,
     ) -> Result<Encoded<'a>> {
+        self.encode_cut(raw, group, opts, &[])
+    }
+
+    /// [`Encoder::encode`] for a chunk that is several arrays back to back
+    /// (a pack), starting at the byte offsets `cuts` (ascending, whole
+    /// items): an entropy-coded plane then ends a block at each array's
+    /// start, so that each array gets tables of its own. The output depends
+    /// on the input bytes, the options and `cuts`.
+    pub fn encode_cut<'a>(
+        &'a mut self,
+        raw: &'a [u8],
+        group: usize,
+        opts: &EncodeOptions,
+        cuts: &[usize],
+    ) -> Result<Encoded<'a>> {
         if raw.len() as u64 > MAX_RAW_LEN {
             return Err(Error::Invalid(format!(
                 "chunk of {} bytes exceeds the limit {MAX_RAW_LEN}",
@@ -426,6 +441,8 @@ impl Encoder {
         while compressed.len() < n {
             compressed.push(Vec::new());
         }
+        // the arrays' starts in each plane (a plane holds one byte per item)
+        let plane_cuts: Vec<usize> = cuts.iter().map(|&c| c / n).collect();
         let mut entries = Vec::with_capacity(n);
         for (j, out) in compressed.iter_mut().enumerate().take(n) {
             let coders = Coders {
@@ -433,7 +450,7 @@ impl Encoder {
                 sample_cctx,
                 huff_ws,
             };
-            if compress_plane(plane(j), opts, coders, sample, out)? {
+            if compress_plane(plane(j), &plane_cuts, opts, coders, sample, out)? {
                 entries.push((Codec::Zstd, out.len() as u64));
             } else {
                 entries.push((Codec::Raw, plane_len as u64));
@@ -489,6 +506,7 @@ pub fn encode_to_vec(raw: &[u8], group: usize, opts: &EncodeOptions) -> Result<V
 ///   as small on float exponent planes.
 fn compress_plane(
     plane: &[u8],
+    cuts: &[usize],
     opts: &EncodeOptions,
     coders: Coders<'_>,
     sample: &mut Vec<u8>,
@@ -535,7 +553,7 @@ fn compress_plane(
         out.reserve(zstd::zstd_safe::compress_bound(plane.len()));
         cctx.compress_to_buffer(plane, out).map_err(zstd_err)?;
     } else {
-        huff::compress(plane, out, huff_ws)?;
+        huff::compress_cut(plane, cuts, out, huff_ws)?;
     }
     Ok(out.len() as f64 <= plane.len() as f64 * keep)
 }

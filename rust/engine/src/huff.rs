@@ -128,11 +128,49 @@ impl Default for HuffWorkspace {
 /// Writes `src` into `out` as one zstd frame of entropy-coded blocks.
 /// Deterministic: the frame depends only on `src`.
 pub fn compress(src: &[u8], out: &mut Vec<u8>, ws: &mut HuffWorkspace) -> Result<()> {
-    compress_with(src, out, ws, huf_flags(), true)
+    compress_with(src, &[], out, ws, huf_flags(), true)
+}
+
+/// [`compress`], with a block boundary at each offset of `cuts` (ascending):
+/// where `src` is several arrays back to back (a pack of tensors), each
+/// block then codes one array with a table of its own, instead of a table
+/// for the mix of two. Deterministic: the frame depends on `src` and `cuts`.
+pub fn compress_cut(
+    src: &[u8],
+    cuts: &[usize],
+    out: &mut Vec<u8>,
+    ws: &mut HuffWorkspace,
+) -> Result<()> {
+    compress_with(src, cuts, out, ws, huf_flags(), true)
+}
+
+/// The blocks of `len` bytes: at most [`BLOCK`] each, ending at each cut.
+fn block_ranges(len: usize, cuts: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::with_capacity(len / BLOCK + cuts.len() + 1);
+    let mut start = 0;
+    let mut cuts = cuts
+        .iter()
+        .copied()
+        .filter(|&c| c > 0 && c < len)
+        .peekable();
+    loop {
+        while cuts.peek().is_some_and(|&c| c <= start) {
+            cuts.next();
+        }
+        let end = (start + BLOCK)
+            .min(len)
+            .min(cuts.peek().copied().unwrap_or(len));
+        ranges.push(start..end);
+        if end >= len {
+            return ranges;
+        }
+        start = end;
+    }
 }
 
 fn compress_with(
     src: &[u8],
+    cuts: &[usize],
     out: &mut Vec<u8>,
     ws: &mut HuffWorkspace,
     flags: c_int,
@@ -145,10 +183,10 @@ fn compress_with(
     // Frame header: single segment (no window descriptor), 4-byte content size.
     out.push(0xA0);
     out.extend_from_slice(&size.to_le_bytes());
-    let blocks = src.len().div_ceil(BLOCK).max(1);
-    for k in 0..blocks {
-        let block = &src[(k * BLOCK).min(src.len())..((k + 1) * BLOCK).min(src.len())];
-        let last = k + 1 == blocks;
+    let ranges = block_ranges(src.len(), cuts);
+    for (k, range) in ranges.iter().enumerate() {
+        let block = &src[range.clone()];
+        let last = k + 1 == ranges.len();
         if block.len() < MIN_HUFFMAN_BLOCK {
             raw_block(out, block, last);
             continue;
@@ -455,8 +493,44 @@ mod tests {
         compress(&skewed, &mut b, &mut HuffWorkspace::default()).unwrap();
         assert_eq!(a, b);
         // The BMI2 variant writes the same frames as the portable one.
-        compress_with(&skewed, &mut b, &mut HuffWorkspace::default(), 0, true).unwrap();
+        compress_with(&skewed, &[], &mut b, &mut HuffWorkspace::default(), 0, true).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn blocks_end_at_cuts_and_each_array_gets_its_own_table() {
+        assert_eq!(block_ranges(10, &[]), vec![0..10]);
+        assert_eq!(block_ranges(0, &[]), vec![0..0]);
+        assert_eq!(
+            block_ranges(3 * BLOCK, &[0, 100, 100, BLOCK + 5, 3 * BLOCK, 9 * BLOCK]),
+            vec![
+                0..100,
+                100..BLOCK + 5,
+                BLOCK + 5..2 * BLOCK + 5,
+                2 * BLOCK + 5..3 * BLOCK
+            ]
+        );
+        // a smooth array then a random-looking one, the boundary mid-block
+        let mut x = 7u64;
+        let mut src = exponents(196_608, 3);
+        src.extend((0..65_536).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        }));
+        let mut cut = Vec::new();
+        let mut ws = HuffWorkspace::default();
+        compress_cut(&src, &[196_608], &mut cut, &mut ws).unwrap();
+        assert_eq!(zstd::bulk::decompress(&cut, src.len()).unwrap(), src);
+        let plain = coded(&src, true);
+        // the mixed block coded the smooth half with a flatter table
+        assert!(
+            cut.len() * 100 < plain.len() * 97,
+            "{} vs {}",
+            cut.len(),
+            plain.len()
+        );
     }
 
     /// Exponent-like bytes: values 118..=127, geometric towards 127.
@@ -476,6 +550,7 @@ mod tests {
         let mut out = Vec::new();
         compress_with(
             src,
+            &[],
             &mut out,
             &mut HuffWorkspace::default(),
             huf_flags(),

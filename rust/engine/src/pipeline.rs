@@ -316,8 +316,9 @@ fn save_chunk(
         Some(e) => e,
         None => Encoder::new()?,
     };
+    let cuts = pack_cuts(c);
     let written = (|| {
-        let enc = encoder.encode(&raw, c.group, &opts.encode)?;
+        let enc = encoder.encode_cut(&raw, c.group, &opts.encode, &cuts)?;
         let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
         parts.push(&enc.header);
         parts.extend(enc.payloads.iter().copied());
@@ -326,6 +327,24 @@ fn save_chunk(
     })();
     ENCODER.with(|cell| cell.set(Some(encoder)));
     Ok((id, fingerprint, Some((written?, true, None))))
+}
+
+/// Pieces of a pack at least this long start entropy-coder blocks of their own.
+const CUT_MIN: usize = 32 << 10;
+
+/// Where the pieces of a pack start (see [`Encoder::encode_cut`]): at each
+/// boundary between two pieces of at least [`CUT_MIN`] bytes, so that a
+/// pack of biases is not cut into blocks too small to code.
+fn pack_cuts(c: &PlannedChunk) -> Vec<usize> {
+    let mut cuts = Vec::new();
+    let mut at = 0;
+    for pair in c.pieces.windows(2) {
+        at += pair[0].len;
+        if pair[0].len >= CUT_MIN && pair[1].len >= CUT_MIN {
+            cuts.push(at);
+        }
+    }
+    cuts
 }
 
 /// Chunks of at least this many bytes that are one piece of one tensor get
