@@ -10,15 +10,36 @@
 /// back into `out` (same length as `raw`).
 pub fn split_into(raw: &[u8], n: usize, out: &mut [u8]) {
     debug_assert!(n >= 1 && raw.len() % n == 0 && out.len() == raw.len());
-    match n {
-        2 => split_fixed::<2, false>(raw, out),
-        4 => split_fixed::<4, false>(raw, out),
-        8 => split_fixed::<8, false>(raw, out),
+    split_part(raw, n, false, out, raw.len() / n, 0);
+}
+
+/// Splits `raw` (whole `n`-byte items, rotated left by one bit first when
+/// `rot`; rotation is defined for `n` of 2, 4 and 8) into part of the planes
+/// of `out`: plane `j` starts at byte `j * stride` of `out`, and the items of
+/// `raw` land at offset `at` of each plane. Splitting a chunk block by block
+/// this way, each block while it is still in cache from hashing, gives the
+/// same planes as one [`split_into`] of the chunk.
+///
+/// Panics when a plane's part would end past `stride` or `out`.
+pub fn split_part(raw: &[u8], n: usize, rot: bool, out: &mut [u8], stride: usize, at: usize) {
+    let count = raw.len() / n;
+    assert!(
+        n >= 1 && at + count <= stride && out.len() >= (n - 1) * stride + at + count,
+        "split_part: {count} items at {at} do not fit planes of {stride} bytes in {}",
+        out.len()
+    );
+    match (n, rot) {
+        (2, false) => split_fixed::<2, false>(raw, out, stride, at),
+        (4, false) => split_fixed::<4, false>(raw, out, stride, at),
+        (8, false) => split_fixed::<8, false>(raw, out, stride, at),
+        (2, true) => split_fixed::<2, true>(raw, out, stride, at),
+        (4, true) => split_fixed::<4, true>(raw, out, stride, at),
+        (8, true) => split_fixed::<8, true>(raw, out, stride, at),
+        (_, true) => unreachable!("rotation is defined for widths 2, 4 and 8"),
         _ => {
-            let count = raw.len() / n;
             for (i, item) in raw.chunks_exact(n).enumerate() {
                 for (j, &b) in item.iter().enumerate() {
-                    out[j * count + i] = b;
+                    out[j * stride + at + i] = b;
                 }
             }
         }
@@ -27,16 +48,27 @@ pub fn split_into(raw: &[u8], n: usize, out: &mut [u8]) {
 
 /// Splits items of width 2, 4 or 8 (rotated left by one bit first when
 /// `ROT`): whole 16-item groups with the SIMD kernels, the rest here.
-fn split_fixed<const N: usize, const ROT: bool>(raw: &[u8], out: &mut [u8]) {
+fn split_fixed<const N: usize, const ROT: bool>(
+    raw: &[u8],
+    out: &mut [u8],
+    stride: usize,
+    at: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    let done = simd::split::<N, ROT>(raw, out);
+    let done = simd::split::<N, ROT>(raw, out, stride, at);
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
-    split_scalar::<N, ROT>(raw, out, done);
+    split_scalar::<N, ROT>(raw, out, stride, at, done);
 }
 
 /// Splits items `done..` of `raw` one at a time.
-fn split_scalar<const N: usize, const ROT: bool>(raw: &[u8], out: &mut [u8], done: usize) {
+fn split_scalar<const N: usize, const ROT: bool>(
+    raw: &[u8],
+    out: &mut [u8],
+    stride: usize,
+    at: usize,
+    done: usize,
+) {
     let count = raw.len() / N;
     for i in done..count {
         // One little-endian load per item; byte j is `(v >> 8j) as u8`.
@@ -47,7 +79,7 @@ fn split_scalar<const N: usize, const ROT: bool>(raw: &[u8], out: &mut [u8], don
             v = (v << 1) | (v >> (8 * N - 1));
         }
         for j in 0..N {
-            out[j * count + i] = (v >> (8 * j)) as u8;
+            out[j * stride + at + i] = (v >> (8 * j)) as u8;
         }
     }
 }
@@ -182,20 +214,25 @@ mod simd {
     /// Splits whole 16-item groups of `N`-byte items of `raw` into the `N`
     /// planes of `out` (rotating each item left by one bit first when
     /// `ROT`); returns the items done.
-    pub fn split<const N: usize, const ROT: bool>(raw: &[u8], out: &mut [u8]) -> usize {
+    pub fn split<const N: usize, const ROT: bool>(
+        raw: &[u8],
+        out: &mut [u8],
+        stride: usize,
+        at: usize,
+    ) -> usize {
         let count = raw.len() / N;
-        assert!(out.len() >= N * count && raw.len() >= N * count);
+        assert!(at + count <= stride && out.len() >= (N - 1) * stride + at + count);
         let groups = count / 16;
         let src = raw.as_ptr();
         let dst = out.as_mut_ptr();
         for g in 0..groups {
             // SAFETY: SSE2 is baseline on x86_64. The loads read bytes
             // [16Ng, 16N(g+1)) of `raw`; the stores write bytes
-            // [j*count + 16g, j*count + 16g + 16) of `out` for j < N; all in
-            // bounds by the assert above since 16(g+1) <= count.
+            // [j*stride + at + 16g, j*stride + at + 16g + 16) of `out` for
+            // j < N; all in bounds by the assert above since 16(g+1) <= count.
             unsafe {
                 let s = src.add(16 * N * g);
-                let d = |j: usize| dst.add(j * count + 16 * g);
+                let d = |j: usize| dst.add(j * stride + at + 16 * g);
                 match N {
                     2 => {
                         let mut a = load(s);
@@ -301,12 +338,7 @@ mod simd {
 /// float moves to the bottom, so the top byte holds exactly the 8 exponent
 /// bits of a bfloat16 or float32.
 pub fn split_rot_into(raw: &[u8], n: usize, out: &mut [u8]) {
-    match n {
-        2 => split_fixed::<2, true>(raw, out),
-        4 => split_fixed::<4, true>(raw, out),
-        8 => split_fixed::<8, true>(raw, out),
-        _ => unreachable!("rotation is defined for widths 2, 4 and 8"),
-    }
+    split_part(raw, n, true, out, raw.len() / n, 0);
 }
 
 /// Splits `raw` into `n` owned planes (convenience for tests and small inputs).
@@ -410,6 +442,49 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn splitting_block_by_block_gives_the_planes_of_one_split() {
+        let mut x = 0x9E3779B97F4A7C15u64;
+        let raw: Vec<u8> = (0..8 * 1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for (n, rot) in [
+            (2, false),
+            (4, false),
+            (8, false),
+            (2, true),
+            (4, true),
+            (8, true),
+            (3, false),
+        ] {
+            let raw = &raw[..raw.len() / n * n];
+            let count = raw.len() / n;
+            for items_per_block in [1usize, 7, 16, 17, 250, count] {
+                let mut out = vec![0u8; raw.len()];
+                for (k, block) in raw.chunks(items_per_block * n).enumerate() {
+                    split_part(block, n, rot, &mut out, count, k * items_per_block);
+                }
+                assert_eq!(
+                    out,
+                    reference_split(raw, n, rot),
+                    "n={n} rot={rot} {items_per_block}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "do not fit")]
+    fn a_block_past_the_planes_panics() {
+        let mut out = vec![0u8; 64];
+        split_part(&[0u8; 32], 4, false, &mut out, 16, 9);
     }
 
     #[test]

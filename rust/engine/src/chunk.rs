@@ -355,6 +355,46 @@ pub struct Encoder {
     sample_cctx: zstd::bulk::Compressor<'static>,
     huff_ws: huff::HuffWorkspace,
     level: i32,
+    /// `planes` already holds the split of this chunk (its address, length
+    /// and group), left by a [`Splitter`] that saw every byte of it.
+    split_ready: Option<(usize, usize, usize)>,
+}
+
+/// Splits a chunk into an [`Encoder`]'s planes block by block, while another
+/// pass (hashing) has each block in cache: the source is read from memory
+/// once instead of twice. [`Encoder::encode`] then skips its own split.
+pub struct Splitter<'e> {
+    encoder: &'e mut Encoder,
+    group: usize,
+    n: usize,
+    rot: bool,
+    stride: usize,
+    at: usize,
+}
+
+impl Splitter<'_> {
+    /// Splits the next `block` of the chunk. A block that does not hold whole
+    /// items (or runs past the chunk) stops the splitting: `encode` then
+    /// splits the chunk itself.
+    pub fn feed(&mut self, block: &[u8]) {
+        if self.at == usize::MAX {
+            return;
+        }
+        if block.len() % self.n != 0 || self.at + block.len() / self.n > self.stride {
+            self.at = usize::MAX;
+            return;
+        }
+        let planes = &mut self.encoder.planes[..self.n * self.stride];
+        bytegroup::split_part(block, self.n, self.rot, planes, self.stride, self.at);
+        self.at += block.len() / self.n;
+    }
+
+    /// Marks the planes ready for `raw` if every byte of it was fed (in order).
+    pub fn finish(self, raw: &[u8]) {
+        if self.at == self.stride && raw.len() == self.n * self.stride {
+            self.encoder.split_ready = Some((raw.as_ptr() as usize, raw.len(), self.group));
+        }
+    }
 }
 
 impl Encoder {
@@ -370,6 +410,29 @@ impl Encoder {
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
             huff_ws: huff::HuffWorkspace::default(),
             level: 1,
+            split_ready: None,
+        })
+    }
+
+    /// A [`Splitter`] for a chunk of `len` bytes of `group`-byte items, when
+    /// its filter splits it into planes.
+    pub fn splitter(&mut self, len: usize, group: usize) -> Option<Splitter<'_>> {
+        self.split_ready = None;
+        let (n, rot) = match Filter::for_group(group, len) {
+            Filter::ByteGroup(n) => (n, false),
+            Filter::ByteGroupRot(n) => (n, true),
+            Filter::None | Filter::XorDelta => return None,
+        };
+        if self.planes.len() < len {
+            self.planes.resize(len, 0);
+        }
+        Some(Splitter {
+            encoder: self,
+            group,
+            n,
+            rot,
+            stride: len / n,
+            at: 0,
         })
     }
 
@@ -410,6 +473,7 @@ impl Encoder {
         }
         let filter = Filter::for_group(group, raw.len());
         let n = filter.planes();
+        let presplit = self.split_ready.take() == Some((raw.as_ptr() as usize, raw.len(), group));
         let Encoder {
             planes,
             compressed,
@@ -419,7 +483,9 @@ impl Encoder {
             huff_ws,
             ..
         } = self;
-        if let Filter::ByteGroup(_) | Filter::ByteGroupRot(_) = filter {
+        if presplit {
+            debug_assert!(planes.len() >= raw.len());
+        } else if let Filter::ByteGroup(_) | Filter::ByteGroupRot(_) = filter {
             if planes.len() < raw.len() {
                 planes.resize(raw.len(), 0);
             }
@@ -976,6 +1042,48 @@ mod tests {
             out.extend_from_slice(&((z * 0.02) as f32).to_le_bytes());
         }
         out
+    }
+
+    #[test]
+    fn a_chunk_split_while_hashing_encodes_as_one_split_by_encode() {
+        let raw = floats(100_000);
+        let group = 4 | ROTATE;
+        let opts = EncodeOptions::default();
+        let expected = encode_to_vec(&raw, group, &opts).unwrap();
+        let file = |enc: Encoded<'_>| {
+            let mut f = enc.header.clone();
+            enc.payloads.iter().for_each(|p| f.extend_from_slice(p));
+            f
+        };
+        let mut e = Encoder::new().unwrap();
+        // fed whole, block by block: encode uses the planes as they are
+        let mut s = e.splitter(raw.len(), group).unwrap();
+        raw.chunks(4096).for_each(|b| s.feed(b));
+        s.finish(&raw);
+        assert!(e.split_ready.is_some());
+        assert_eq!(file(e.encode(&raw, group, &opts).unwrap()), expected);
+        assert!(e.split_ready.is_none());
+        // then asked to encode other bytes (which leaves their planes behind),
+        // fed in part, or with blocks of partial items: encode splits by itself
+        let other = floats(100_001)[4..].to_vec();
+        for case in [2, 0, 1] {
+            let mut s = e.splitter(raw.len(), group).unwrap();
+            match case {
+                0 => raw[..40_000].chunks(4096).for_each(|b| s.feed(b)),
+                1 => raw.chunks(4095).for_each(|b| s.feed(b)),
+                _ => raw.chunks(4096).for_each(|b| s.feed(b)),
+            }
+            s.finish(&raw);
+            let bytes = if case == 2 { &other } else { &raw };
+            let want = encode_to_vec(bytes, group, &opts).unwrap();
+            assert_eq!(
+                file(e.encode(bytes, group, &opts).unwrap()),
+                want,
+                "case {case}"
+            );
+        }
+        // nothing to split for an unfiltered chunk
+        assert!(e.splitter(raw.len(), 1).is_none());
     }
 
     /// Encodes, checks the decode, returns (header, file).

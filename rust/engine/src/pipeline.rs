@@ -3,7 +3,7 @@
 //! in parallel on rayon; results do not depend on the number of threads.
 
 use crate::backend::{Backend, Mapped};
-use crate::chunk::{self, Codec, EncodeOptions, Encoder, Filter, Header};
+use crate::chunk::{self, Codec, EncodeOptions, Encoder, Filter, Header, Splitter};
 use crate::error::{Error, Result};
 use crate::object_id::ObjectId;
 use crate::plan::{plan, ChunkParams, PlannedChunk};
@@ -11,6 +11,7 @@ use crate::pool;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// One tensor to save: its bytes and the width of its items for byte
@@ -96,6 +97,7 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
     let sizes: Vec<(usize, usize)> = tensors.iter().map(|t| (t.data.len(), t.group)).collect();
     let planned = plan(&sizes, opts.chunks);
     let claimed: Mutex<HashSet<ObjectId>> = Mutex::new(HashSet::new());
+    let existing = AtomicBool::new(false);
     let results: Vec<(ObjectId, Option<u128>, ChunkOutcome)> =
         pool::run_with(opts.threads, || {
             check_space(backend, tensors, &planned)?;
@@ -108,7 +110,10 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
             let mut done = order
                 .into_iter()
                 .par_bridge()
-                .map(|i| save_chunk(backend, tensors, &planned[i], opts, &claimed).map(|r| (i, r)))
+                .map(|i| {
+                    save_chunk(backend, tensors, &planned[i], opts, &claimed, &existing)
+                        .map(|r| (i, r))
+                })
                 .collect::<Result<Vec<_>>>()?;
             done.sort_unstable_by_key(|(i, _)| *i);
             Ok(done.into_iter().map(|(_, r)| r).collect())
@@ -287,13 +292,45 @@ fn save_chunk(
     c: &PlannedChunk,
     opts: &SaveOptions,
     claimed: &Mutex<HashSet<ObjectId>>,
+    existing: &AtomicBool,
+) -> Result<(ObjectId, Option<u128>, ChunkOutcome)> {
+    let mut encoder = match ENCODER.with(|cell| cell.take()) {
+        Some(e) => e,
+        None => Encoder::new()?,
+    };
+    let saved = save_chunk_with(backend, tensors, c, opts, claimed, existing, &mut encoder);
+    ENCODER.with(|cell| cell.set(Some(encoder)));
+    saved
+}
+
+fn save_chunk_with(
+    backend: &dyn Backend,
+    tensors: &[TensorIn<'_>],
+    c: &PlannedChunk,
+    opts: &SaveOptions,
+    claimed: &Mutex<HashSet<ObjectId>>,
+    existing: &AtomicBool,
+    encoder: &mut Encoder,
 ) -> Result<(ObjectId, Option<u128>, ChunkOutcome)> {
     let raw = chunk_bytes(tensors, c);
-    let (id, fingerprint) = identify(tensors, c, &raw);
+    // Split while hashing only while this save has met no stored chunk: a
+    // save whose chunks mostly exist (a restarted run) would split for nothing.
+    let (id, fingerprint) = if existing.load(Ordering::Relaxed) {
+        identify(tensors, c, &raw, None)
+    } else {
+        let mut splitter = encoder.splitter(raw.len(), c.group);
+        let found = identify(tensors, c, &raw, splitter.as_mut());
+        if let Some(s) = splitter {
+            s.finish(&raw);
+        }
+        found
+    };
     if !claimed.lock().expect("claim lock").insert(id) {
+        existing.store(true, Ordering::Relaxed);
         return Ok((id, fingerprint, None));
     }
     if let Some(size) = backend.stored_size(&id)? {
+        existing.store(true, Ordering::Relaxed);
         // A delta object's base must be listed by the version as well.
         let r = ChunkRef {
             id,
@@ -312,21 +349,13 @@ fn save_chunk(
         let stored = (header.len() + frame_len) as u64;
         return Ok((id, fingerprint, Some((stored, true, Some(delta.base)))));
     }
-    let mut encoder = match ENCODER.with(|cell| cell.take()) {
-        Some(e) => e,
-        None => Encoder::new()?,
-    };
     let cuts = pack_cuts(c);
-    let written = (|| {
-        let enc = encoder.encode_cut(&raw, c.group, &opts.encode, &cuts)?;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
-        parts.push(&enc.header);
-        parts.extend(enc.payloads.iter().copied());
-        backend.put(&id, &parts)?;
-        Ok(enc.stored_len)
-    })();
-    ENCODER.with(|cell| cell.set(Some(encoder)));
-    Ok((id, fingerprint, Some((written?, true, None))))
+    let enc = encoder.encode_cut(&raw, c.group, &opts.encode, &cuts)?;
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
+    parts.push(&enc.header);
+    parts.extend(enc.payloads.iter().copied());
+    backend.put(&id, &parts)?;
+    Ok((id, fingerprint, Some((enc.stored_len, true, None))))
 }
 
 /// Pieces of a pack at least this long start entropy-coder blocks of their own.
@@ -354,7 +383,16 @@ pub const FINGERPRINT_MIN: usize = 64 << 10;
 /// The id of a planned chunk and, for one-piece chunks, its fingerprint:
 /// taken from the tensor's [`BaseRef`] when the fingerprints agree (no
 /// BLAKE3 pass), else BLAKE3 and XXH3 computed in one pass over the bytes.
-fn identify(tensors: &[TensorIn<'_>], c: &PlannedChunk, raw: &[u8]) -> (ObjectId, Option<u128>) {
+///
+/// With a `split`, the one pass also splits each block into the encoder's
+/// planes while it is in cache (only on that path: a chunk with a known
+/// fingerprint is most likely unchanged, so it is not split ahead).
+fn identify(
+    tensors: &[TensorIn<'_>],
+    c: &PlannedChunk,
+    raw: &[u8],
+    mut split: Option<&mut Splitter<'_>>,
+) -> (ObjectId, Option<u128>) {
     if c.pieces.len() != 1 || raw.len() < FINGERPRINT_MIN {
         return (ObjectId::of(raw), None);
     }
@@ -373,15 +411,22 @@ fn identify(tensors: &[TensorIn<'_>], c: &PlannedChunk, raw: &[u8]) -> (ObjectId
     // Both hashes from one read of the bytes, a cache-sized block at a time.
     let mut blake = blake3::Hasher::new();
     let mut xxh = xxhash_rust::xxh3::Xxh3::new();
-    for block in raw.chunks(256 << 10) {
+    for block in raw.chunks(HASH_BLOCK) {
         blake.update(block);
         xxh.update(block);
+        if let Some(s) = split.as_deref_mut() {
+            s.feed(block);
+        }
     }
     (
         ObjectId(*blake.finalize().as_bytes()),
         Some(xxh.digest128()),
     )
 }
+
+/// Bytes hashed (and split) per step of [`identify`]: a multiple of every
+/// item width, small enough to stay in a core's L2 cache between passes.
+const HASH_BLOCK: usize = 256 << 10;
 
 /// Chunks smaller than this are never stored as deltas.
 pub const DELTA_MIN_LEN: u64 = 64 << 10;
