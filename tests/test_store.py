@@ -461,6 +461,29 @@ def test_default_packing_keeps_partial_fine_tuning_small(tmp_path: Path) -> None
         assert np.array_equal(loaded[n], a)
 
 
+def test_restarted_run_updating_arrays_in_place_stores_what_it_hashed(tmp_path: Path) -> None:
+    """A restarted run (no fingerprints) saves unchanged arrays, which are split
+    into planes while hashed and then found stored; the arrays then change in
+    place (same addresses) and are saved again. Each chunk must be encoded from
+    its own bytes, not from planes left over from the same address (found by
+    review: with two workers this failed 3 times in 4)."""
+    kw = {"chunk_size": 64 << 10, "small_threshold": 16 << 10, "durable": False, "threads": 2}
+    rng = np.random.default_rng(0)
+    tree = {"a_frozen": rng.standard_normal(16384, dtype=np.float32)}
+    tree.update({f"x{i:02d}": rng.standard_normal(16384, dtype=np.float32) for i in range(12)})
+    ckpt.Store(tmp_path / "s", **kw).save(tree)
+    for _ in range(8):
+        store = ckpt.Store(tmp_path / "s", **kw)
+        store.save(tree)
+        for name, a in tree.items():
+            if name != "a_frozen":
+                a += np.float32(1e-3)
+        loaded = store.load(store.save(tree).id)
+        for name, a in tree.items():
+            assert loaded[name].tobytes() == a.tobytes(), name
+    assert all(r.ok for r in store.verify())
+
+
 def test_version_references(store: ckpt.Store) -> None:
     store.save({"a": np.zeros(1)}, step=5, metrics={"loss": 0.5, "acc": 0.1})
     store.save({"a": np.zeros(1)}, step=6, metrics={"loss": 0.2, "acc": 0.3})

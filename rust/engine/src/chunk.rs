@@ -355,9 +355,20 @@ pub struct Encoder {
     sample_cctx: zstd::bulk::Compressor<'static>,
     huff_ws: huff::HuffWorkspace,
     level: i32,
-    /// `planes` already holds the split of this chunk (its address, length
-    /// and group), left by a [`Splitter`] that saw every byte of it.
-    split_ready: Option<(usize, usize, usize)>,
+    /// Bumped by every use of `planes` (a new [`Splitter`], an encode): a
+    /// [`Presplit`] from an earlier one is stale.
+    epoch: u64,
+}
+
+/// Proof that an [`Encoder`]'s planes hold the split of one chunk's bytes,
+/// from [`Splitter::finish`]; good for one [`Encoder::encode_cut`] of those
+/// bytes with nothing else done with the encoder in between (not `Clone`).
+#[derive(Debug)]
+pub struct Presplit {
+    addr: usize,
+    len: usize,
+    group: usize,
+    epoch: u64,
 }
 
 /// Splits a chunk into an [`Encoder`]'s planes block by block, while another
@@ -389,11 +400,14 @@ impl Splitter<'_> {
         self.at += block.len() / self.n;
     }
 
-    /// Marks the planes ready for `raw` if every byte of it was fed (in order).
-    pub fn finish(self, raw: &[u8]) {
-        if self.at == self.stride && raw.len() == self.n * self.stride {
-            self.encoder.split_ready = Some((raw.as_ptr() as usize, raw.len(), self.group));
-        }
+    /// A [`Presplit`] for `raw` if every byte of it was fed (in order).
+    pub fn finish(self, raw: &[u8]) -> Option<Presplit> {
+        (self.at == self.stride && raw.len() == self.n * self.stride).then_some(Presplit {
+            addr: raw.as_ptr() as usize,
+            len: raw.len(),
+            group: self.group,
+            epoch: self.encoder.epoch,
+        })
     }
 }
 
@@ -410,14 +424,14 @@ impl Encoder {
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
             huff_ws: huff::HuffWorkspace::default(),
             level: 1,
-            split_ready: None,
+            epoch: 0,
         })
     }
 
     /// A [`Splitter`] for a chunk of `len` bytes of `group`-byte items, when
     /// its filter splits it into planes.
     pub fn splitter(&mut self, len: usize, group: usize) -> Option<Splitter<'_>> {
-        self.split_ready = None;
+        self.epoch += 1;
         let (n, rot) = match Filter::for_group(group, len) {
             Filter::ByteGroup(n) => (n, false),
             Filter::ByteGroupRot(n) => (n, true),
@@ -444,20 +458,22 @@ impl Encoder {
         group: usize,
         opts: &EncodeOptions,
     ) -> Result<Encoded<'a>> {
-        self.encode_cut(raw, group, opts, &[])
+        self.encode_cut(raw, group, opts, &[], None)
     }
 
     /// [`Encoder::encode`] for a chunk that is several arrays back to back
     /// (a pack), starting at the byte offsets `cuts` (ascending, whole
     /// items): an entropy-coded plane then ends a block at each array's
     /// start, so that each array gets tables of its own. The output depends
-    /// on the input bytes, the options and `cuts`.
+    /// on the input bytes, the options and `cuts`. With a `presplit` that is
+    /// still good for exactly these bytes, the planes are not split again.
     pub fn encode_cut<'a>(
         &'a mut self,
         raw: &'a [u8],
         group: usize,
         opts: &EncodeOptions,
         cuts: &[usize],
+        presplit: Option<Presplit>,
     ) -> Result<Encoded<'a>> {
         if raw.len() as u64 > MAX_RAW_LEN {
             return Err(Error::Invalid(format!(
@@ -473,7 +489,11 @@ impl Encoder {
         }
         let filter = Filter::for_group(group, raw.len());
         let n = filter.planes();
-        let presplit = self.split_ready.take() == Some((raw.as_ptr() as usize, raw.len(), group));
+        let presplit = presplit.is_some_and(|p| {
+            (p.addr, p.len, p.group, p.epoch)
+                == (raw.as_ptr() as usize, raw.len(), group, self.epoch)
+        });
+        self.epoch += 1;
         let Encoder {
             planes,
             compressed,
@@ -1046,42 +1066,60 @@ mod tests {
 
     #[test]
     fn a_chunk_split_while_hashing_encodes_as_one_split_by_encode() {
-        let raw = floats(100_000);
+        let mut raw = floats(100_000);
         let group = 4 | ROTATE;
         let opts = EncodeOptions::default();
-        let expected = encode_to_vec(&raw, group, &opts).unwrap();
         let file = |enc: Encoded<'_>| {
             let mut f = enc.header.clone();
             enc.payloads.iter().for_each(|p| f.extend_from_slice(p));
             f
         };
-        let mut e = Encoder::new().unwrap();
-        // fed whole, block by block: encode uses the planes as they are
-        let mut s = e.splitter(raw.len(), group).unwrap();
-        raw.chunks(4096).for_each(|b| s.feed(b));
-        s.finish(&raw);
-        assert!(e.split_ready.is_some());
-        assert_eq!(file(e.encode(&raw, group, &opts).unwrap()), expected);
-        assert!(e.split_ready.is_none());
-        // then asked to encode other bytes (which leaves their planes behind),
-        // fed in part, or with blocks of partial items: encode splits by itself
-        let other = floats(100_001)[4..].to_vec();
-        for case in [2, 0, 1] {
+        let split = |e: &mut Encoder, raw: &[u8], block: usize, upto: usize| {
             let mut s = e.splitter(raw.len(), group).unwrap();
-            match case {
-                0 => raw[..40_000].chunks(4096).for_each(|b| s.feed(b)),
-                1 => raw.chunks(4095).for_each(|b| s.feed(b)),
-                _ => raw.chunks(4096).for_each(|b| s.feed(b)),
-            }
-            s.finish(&raw);
-            let bytes = if case == 2 { &other } else { &raw };
-            let want = encode_to_vec(bytes, group, &opts).unwrap();
-            assert_eq!(
-                file(e.encode(bytes, group, &opts).unwrap()),
-                want,
-                "case {case}"
-            );
-        }
+            raw[..upto].chunks(block).for_each(|b| s.feed(b));
+            s.finish(raw)
+        };
+        let mut e = Encoder::new().unwrap();
+        let expected = encode_to_vec(&raw, group, &opts).unwrap();
+        // fed whole, block by block: encode takes the planes as they are
+        let p = split(&mut e, &raw, 4096, raw.len()).unwrap();
+        // (planes that were not split from `raw` would encode differently)
+        e.planes[..raw.len()].fill(0);
+        let zeroed = file(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap());
+        assert_ne!(zeroed, expected);
+        let p = split(&mut e, &raw, 4096, raw.len()).unwrap();
+        assert_eq!(
+            file(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap()),
+            expected
+        );
+        // fed in part, or with blocks of partial items: no proof
+        assert!(split(&mut e, &raw, 4096, 40_000).is_none());
+        assert!(split(&mut e, &raw, 4095, raw.len()).is_none());
+        // a proof is stale once the encoder did anything else, and it is for
+        // one address, length and group: encode then splits by itself
+        let other = floats(100_001)[4..].to_vec();
+        let want = encode_to_vec(&other, group, &opts).unwrap();
+        let old = split(&mut e, &raw, 4096, raw.len()).unwrap();
+        let _ = split(&mut e, &other, 4096, other.len()).unwrap();
+        raw.copy_from_slice(&other); // same address, new bytes
+        assert_eq!(
+            file(e.encode_cut(&raw, group, &opts, &[], Some(old)).unwrap()),
+            want
+        );
+        let p = split(&mut e, &other, 4096, other.len()).unwrap();
+        let _ = e.encode(&other, group, &opts).unwrap();
+        assert_eq!(
+            file(e.encode_cut(&other, group, &opts, &[], Some(p)).unwrap()),
+            want
+        );
+        let p = split(&mut e, &other, 4096, other.len()).unwrap();
+        assert_eq!(
+            file(
+                e.encode_cut(&other, group | 3, &opts, &[], Some(p))
+                    .unwrap()
+            ),
+            encode_to_vec(&other, group | 3, &opts).unwrap()
+        );
         // nothing to split for an unfiltered chunk
         assert!(e.splitter(raw.len(), 1).is_none());
     }

@@ -315,15 +315,13 @@ fn save_chunk_with(
     let raw = chunk_bytes(tensors, c);
     // Split while hashing only while this save has met no stored chunk: a
     // save whose chunks mostly exist (a restarted run) would split for nothing.
-    let (id, fingerprint) = if existing.load(Ordering::Relaxed) {
-        identify(tensors, c, &raw, None)
+    let (id, fingerprint, presplit) = if existing.load(Ordering::Relaxed) {
+        let (id, fingerprint) = identify(tensors, c, &raw, None);
+        (id, fingerprint, None)
     } else {
         let mut splitter = encoder.splitter(raw.len(), c.group);
-        let found = identify(tensors, c, &raw, splitter.as_mut());
-        if let Some(s) = splitter {
-            s.finish(&raw);
-        }
-        found
+        let (id, fingerprint) = identify(tensors, c, &raw, splitter.as_mut());
+        (id, fingerprint, splitter.and_then(|s| s.finish(&raw)))
     };
     if !claimed.lock().expect("claim lock").insert(id) {
         existing.store(true, Ordering::Relaxed);
@@ -350,7 +348,7 @@ fn save_chunk_with(
         return Ok((id, fingerprint, Some((stored, true, Some(delta.base)))));
     }
     let cuts = pack_cuts(c);
-    let enc = encoder.encode_cut(&raw, c.group, &opts.encode, &cuts)?;
+    let enc = encoder.encode_cut(&raw, c.group, &opts.encode, &cuts, presplit)?;
     let mut parts: Vec<&[u8]> = Vec::with_capacity(1 + enc.payloads.len());
     parts.push(&enc.header);
     parts.extend(enc.payloads.iter().copied());
