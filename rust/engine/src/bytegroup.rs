@@ -444,17 +444,22 @@ mod tests {
         out
     }
 
-    #[test]
-    fn splitting_block_by_block_gives_the_planes_of_one_split() {
-        let mut x = 0x9E3779B97F4A7C15u64;
-        let raw: Vec<u8> = (0..8 * 1000)
+    /// `n` xorshift bytes from `seed`.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn splitting_block_by_block_gives_the_planes_of_one_split() {
+        let raw = noise(0x9E3779B97F4A7C15, 8 * 1000);
         for (n, rot) in [
             (2, false),
             (4, false),
@@ -489,15 +494,7 @@ mod tests {
 
     #[test]
     fn kernels_match_the_bytewise_definition_at_every_length() {
-        let mut x = 0x2545F4914F6CDD1Du64;
-        let raw: Vec<u8> = (0..8 * 300)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let raw = noise(0x2545F4914F6CDD1D, 8 * 300);
         for n in [2usize, 4, 8] {
             for items in (0..70).chain([255, 256, 257, 300]) {
                 let raw = &raw[..n * items];
