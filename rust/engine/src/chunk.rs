@@ -355,14 +355,22 @@ pub struct Encoder {
     sample_cctx: zstd::bulk::Compressor<'static>,
     huff_ws: huff::HuffWorkspace,
     level: i32,
-    /// Bumped by every use of `planes` (a new [`Splitter`], an encode): a
-    /// [`Presplit`] from an earlier one is stale.
+    /// Drawn anew (from [`next_epoch`], unique across encoders) by every use
+    /// of `planes`: a new [`Splitter`] and every encode. A [`Presplit`] holds
+    /// the epoch its split was made in, so it is stale after any other use,
+    /// and worthless to any other encoder.
     epoch: u64,
+}
+
+/// A number no encoder has used before.
+fn next_epoch() -> u64 {
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
 }
 
 /// Proof that an [`Encoder`]'s planes hold the split of one chunk's bytes,
 /// from [`Splitter::finish`]; good for one [`Encoder::encode_cut`] of those
-/// bytes with nothing else done with the encoder in between (not `Clone`).
+/// bytes by that encoder with nothing done with it in between (not `Clone`).
 #[derive(Debug)]
 pub struct Presplit {
     addr: usize,
@@ -373,25 +381,34 @@ pub struct Presplit {
 
 /// Splits a chunk into an [`Encoder`]'s planes block by block, while another
 /// pass (hashing) has each block in cache: the source is read from memory
-/// once instead of twice. [`Encoder::encode`] then skips its own split.
+/// once instead of twice. [`Encoder::encode_cut`] then skips its own split.
 pub struct Splitter<'e> {
     encoder: &'e mut Encoder,
+    /// The chunk's bytes (address and length) and item group.
+    addr: usize,
+    len: usize,
     group: usize,
     n: usize,
     rot: bool,
     stride: usize,
+    /// Items split so far; `usize::MAX` once splitting stopped.
     at: usize,
 }
 
 impl Splitter<'_> {
-    /// Splits the next `block` of the chunk. A block that does not hold whole
-    /// items (or runs past the chunk) stops the splitting: `encode` then
-    /// splits the chunk itself.
+    /// Splits the next `block` of the chunk: it must be the chunk's bytes
+    /// right after those fed before (a sub-slice of the chunk, in order) and
+    /// hold whole items. Anything else stops the splitting: `encode_cut`
+    /// then splits the chunk itself.
     pub fn feed(&mut self, block: &[u8]) {
         if self.at == usize::MAX {
             return;
         }
-        if block.len() % self.n != 0 || self.at + block.len() / self.n > self.stride {
+        let next = self.addr + self.at * self.n;
+        if block.as_ptr() as usize != next
+            || block.len() % self.n != 0
+            || self.at + block.len() / self.n > self.stride
+        {
             self.at = usize::MAX;
             return;
         }
@@ -400,11 +417,11 @@ impl Splitter<'_> {
         self.at += block.len() / self.n;
     }
 
-    /// A [`Presplit`] for `raw` if every byte of it was fed (in order).
-    pub fn finish(self, raw: &[u8]) -> Option<Presplit> {
-        (self.at == self.stride && raw.len() == self.n * self.stride).then_some(Presplit {
-            addr: raw.as_ptr() as usize,
-            len: raw.len(),
+    /// A [`Presplit`] if every byte of the chunk was fed, in order.
+    pub fn finish(self) -> Option<Presplit> {
+        (self.at == self.stride).then_some(Presplit {
+            addr: self.addr,
+            len: self.len,
             group: self.group,
             epoch: self.encoder.epoch,
         })
@@ -424,14 +441,15 @@ impl Encoder {
                 .map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
             huff_ws: huff::HuffWorkspace::default(),
             level: 1,
-            epoch: 0,
+            epoch: next_epoch(),
         })
     }
 
-    /// A [`Splitter`] for a chunk of `len` bytes of `group`-byte items, when
-    /// its filter splits it into planes.
-    pub fn splitter(&mut self, len: usize, group: usize) -> Option<Splitter<'_>> {
-        self.epoch += 1;
+    /// A [`Splitter`] for the chunk `raw` of `group`-byte items, when its
+    /// filter splits it into planes.
+    pub fn splitter(&mut self, raw: &[u8], group: usize) -> Option<Splitter<'_>> {
+        self.epoch = next_epoch();
+        let len = raw.len();
         let (n, rot) = match Filter::for_group(group, len) {
             Filter::ByteGroup(n) => (n, false),
             Filter::ByteGroupRot(n) => (n, true),
@@ -442,6 +460,8 @@ impl Encoder {
         }
         Some(Splitter {
             encoder: self,
+            addr: raw.as_ptr() as usize,
+            len,
             group,
             n,
             rot,
@@ -493,7 +513,7 @@ impl Encoder {
             (p.addr, p.len, p.group, p.epoch)
                 == (raw.as_ptr() as usize, raw.len(), group, self.epoch)
         });
-        self.epoch += 1;
+        self.epoch = next_epoch();
         let Encoder {
             planes,
             compressed,
@@ -1066,62 +1086,90 @@ mod tests {
 
     #[test]
     fn a_chunk_split_while_hashing_encodes_as_one_split_by_encode() {
-        let mut raw = floats(100_000);
+        let raw = floats(100_000);
         let group = 4 | ROTATE;
         let opts = EncodeOptions::default();
-        let file = |enc: Encoded<'_>| {
-            let mut f = enc.header.clone();
-            enc.payloads.iter().for_each(|p| f.extend_from_slice(p));
-            f
-        };
         let split = |e: &mut Encoder, raw: &[u8], block: usize, upto: usize| {
-            let mut s = e.splitter(raw.len(), group).unwrap();
+            let mut s = e.splitter(raw, group).unwrap();
             raw[..upto].chunks(block).for_each(|b| s.feed(b));
-            s.finish(raw)
+            s.finish()
         };
         let mut e = Encoder::new().unwrap();
         let expected = encode_to_vec(&raw, group, &opts).unwrap();
         // fed whole, block by block: encode takes the planes as they are
         let p = split(&mut e, &raw, 4096, raw.len()).unwrap();
-        // (planes that were not split from `raw` would encode differently)
-        e.planes[..raw.len()].fill(0);
-        let zeroed = file(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap());
+        e.planes[..raw.len()].fill(0); // (planes not split from `raw` encode otherwise)
+        let zeroed = file_of(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap());
         assert_ne!(zeroed, expected);
         let p = split(&mut e, &raw, 4096, raw.len()).unwrap();
         assert_eq!(
-            file(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap()),
+            file_of(e.encode_cut(&raw, group, &opts, &[], Some(p)).unwrap()),
             expected
         );
-        // fed in part, or with blocks of partial items: no proof
+        // fed in part, with blocks of partial items, or other bytes: no proof
         assert!(split(&mut e, &raw, 4096, 40_000).is_none());
         assert!(split(&mut e, &raw, 4095, raw.len()).is_none());
-        // a proof is stale once the encoder did anything else, and it is for
-        // one address, length and group: encode then splits by itself
         let other = floats(100_001)[4..].to_vec();
-        let want = encode_to_vec(&other, group, &opts).unwrap();
-        let old = split(&mut e, &raw, 4096, raw.len()).unwrap();
-        let _ = split(&mut e, &other, 4096, other.len()).unwrap();
-        raw.copy_from_slice(&other); // same address, new bytes
-        assert_eq!(
-            file(e.encode_cut(&raw, group, &opts, &[], Some(old)).unwrap()),
-            want
-        );
-        let p = split(&mut e, &other, 4096, other.len()).unwrap();
-        let _ = e.encode(&other, group, &opts).unwrap();
-        assert_eq!(
-            file(e.encode_cut(&other, group, &opts, &[], Some(p)).unwrap()),
-            want
-        );
-        let p = split(&mut e, &other, 4096, other.len()).unwrap();
-        assert_eq!(
-            file(
-                e.encode_cut(&other, group | 3, &opts, &[], Some(p))
-                    .unwrap()
-            ),
-            encode_to_vec(&other, group | 3, &opts).unwrap()
-        );
+        let mut s = e.splitter(&raw, group).unwrap();
+        other.chunks(4096).for_each(|b| s.feed(b));
+        assert!(s.finish().is_none());
         // nothing to split for an unfiltered chunk
-        assert!(e.splitter(raw.len(), 1).is_none());
+        assert!(e.splitter(&raw, 1).is_none());
+    }
+
+    /// Stale proofs whose planes really are wrong (review of the split while
+    /// hashing): each must be ignored, the chunk split again.
+    #[test]
+    fn stale_split_proofs_are_ignored() {
+        let g = 4 | ROTATE;
+        let opts = EncodeOptions::default();
+        let bytes = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed as usize * 131) % 251) as u8 ^ seed)
+                .collect()
+        };
+        let split = |e: &mut Encoder, r: &[u8], g: usize| {
+            let mut s = e.splitter(r, g).unwrap();
+            s.feed(r);
+            s.finish().unwrap()
+        };
+        let check = |e: &mut Encoder, r: &[u8], g: usize, p: Presplit, what: &str| {
+            let want = encode_to_vec(r, g, &opts).unwrap();
+            assert_eq!(
+                file_of(e.encode_cut(r, g, &opts, &[], Some(p)).unwrap()),
+                want,
+                "{what}"
+            );
+        };
+        let mut raw = bytes(1 << 16, 1);
+        let other = bytes(1 << 16, 3);
+        let mut e = Encoder::new().unwrap();
+        // epoch: a proof, an encode of other bytes, then new bytes at the same address
+        let p = split(&mut e, &raw, g);
+        let _ = e.encode(&other, g, &opts).unwrap();
+        raw.copy_from_slice(&bytes(1 << 16, 5));
+        check(&mut e, &raw, g, p, "epoch");
+        // group: split as rotated 4-byte items, encoded as plain ones
+        let p = split(&mut e, &raw, g);
+        check(&mut e, &raw, 4, p, "group");
+        // address: a proof for `raw`, an encode of `other` (same length)
+        let p = split(&mut e, &raw, g);
+        check(&mut e, &other, g, p, "address");
+        // length: a proof for `raw`, an encode of its first half
+        let p = split(&mut e, &raw, g);
+        check(&mut e, &raw[..1 << 15], g, p, "length");
+        // encoder: a proof from one encoder, honoured by none other
+        let mut a = Encoder::new().unwrap();
+        let mut b = Encoder::new().unwrap();
+        let _ = b.splitter(&other, g).is_some(); // b uses its planes too
+        let p = split(&mut a, &other, g);
+        check(&mut b, &other, g, p, "encoder");
+    }
+
+    fn file_of(enc: Encoded<'_>) -> Vec<u8> {
+        let mut f = enc.header.clone();
+        enc.payloads.iter().for_each(|p| f.extend_from_slice(p));
+        f
     }
 
     /// Encodes, checks the decode, returns (header, file).

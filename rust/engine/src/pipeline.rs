@@ -319,9 +319,9 @@ fn save_chunk_with(
         let (id, fingerprint) = identify(tensors, c, &raw, None);
         (id, fingerprint, None)
     } else {
-        let mut splitter = encoder.splitter(raw.len(), c.group);
+        let mut splitter = encoder.splitter(&raw, c.group);
         let (id, fingerprint) = identify(tensors, c, &raw, splitter.as_mut());
-        (id, fingerprint, splitter.and_then(|s| s.finish(&raw)))
+        (id, fingerprint, splitter.and_then(Splitter::finish))
     };
     if !claimed.lock().expect("claim lock").insert(id) {
         existing.store(true, Ordering::Relaxed);
