@@ -659,7 +659,7 @@ fn compress_plane(
         out.reserve(zstd::zstd_safe::compress_bound(plane.len()));
         cctx.compress_to_buffer(plane, out).map_err(zstd_err)?;
     } else {
-        huff::compress_cut(plane, cuts, out, huff_ws)?;
+        huff::compress(plane, cuts, out, huff_ws)?;
     }
     Ok(out.len() as f64 <= plane.len() as f64 * keep)
 }

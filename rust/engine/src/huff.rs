@@ -125,17 +125,12 @@ impl Default for HuffWorkspace {
     }
 }
 
-/// Writes `src` into `out` as one zstd frame of entropy-coded blocks.
-/// Deterministic: the frame depends only on `src`.
-pub fn compress(src: &[u8], out: &mut Vec<u8>, ws: &mut HuffWorkspace) -> Result<()> {
-    compress_with(src, &[], out, ws, huf_flags(), true)
-}
-
-/// [`compress`], with a block boundary at each offset of `cuts` (ascending):
+/// Writes `src` into `out` as one zstd frame of entropy-coded blocks, with
+/// a block boundary at each offset of `cuts` (ascending; may be empty):
 /// where `src` is several arrays back to back (a pack of tensors), each
 /// block then codes one array with a table of its own, instead of a table
 /// for the mix of two. Deterministic: the frame depends on `src` and `cuts`.
-pub fn compress_cut(
+pub fn compress(
     src: &[u8],
     cuts: &[usize],
     out: &mut Vec<u8>,
@@ -443,7 +438,7 @@ mod tests {
 
     fn check(src: &[u8]) -> usize {
         let mut out = Vec::new();
-        compress(src, &mut out, &mut HuffWorkspace::default()).unwrap();
+        compress(src, &[], &mut out, &mut HuffWorkspace::default()).unwrap();
         let back = zstd::bulk::decompress(&out, src.len()).unwrap();
         assert_eq!(back, src);
         assert_eq!(
@@ -489,8 +484,8 @@ mod tests {
         }
         let mut a = Vec::new();
         let mut b = Vec::new();
-        compress(&skewed, &mut a, &mut HuffWorkspace::default()).unwrap();
-        compress(&skewed, &mut b, &mut HuffWorkspace::default()).unwrap();
+        compress(&skewed, &[], &mut a, &mut HuffWorkspace::default()).unwrap();
+        compress(&skewed, &[], &mut b, &mut HuffWorkspace::default()).unwrap();
         assert_eq!(a, b);
         // The BMI2 variant writes the same frames as the portable one.
         compress_with(&skewed, &[], &mut b, &mut HuffWorkspace::default(), 0, true).unwrap();
@@ -521,7 +516,7 @@ mod tests {
         }));
         let mut cut = Vec::new();
         let mut ws = HuffWorkspace::default();
-        compress_cut(&src, &[196_608], &mut cut, &mut ws).unwrap();
+        compress(&src, &[196_608], &mut cut, &mut ws).unwrap();
         assert_eq!(zstd::bulk::decompress(&cut, src.len()).unwrap(), src);
         let plain = coded(&src, true);
         // the mixed block coded the smooth half with a flatter table
@@ -638,7 +633,7 @@ mod timing {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = std::time::Instant::now();
-            compress(&plane, &mut out, &mut ws).unwrap();
+            compress(&plane, &[], &mut out, &mut ws).unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
         let mut zbest = f64::MAX;

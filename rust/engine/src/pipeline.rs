@@ -111,8 +111,10 @@ pub fn save(backend: &dyn Backend, tensors: &[TensorIn<'_>], opts: &SaveOptions)
                 .into_iter()
                 .par_bridge()
                 .map(|i| {
-                    save_chunk(backend, tensors, &planned[i], opts, &claimed, &existing)
-                        .map(|r| (i, r))
+                    with_encoder(|e| {
+                        save_chunk(backend, tensors, &planned[i], opts, &claimed, &existing, e)
+                    })
+                    .map(|r| (i, r))
                 })
                 .collect::<Result<Vec<_>>>()?;
             done.sort_unstable_by_key(|(i, _)| *i);
@@ -287,23 +289,6 @@ fn chunk_bytes<'a>(tensors: &[TensorIn<'a>], c: &PlannedChunk) -> Cow<'a, [u8]> 
 /// it exists or another worker of this save claimed it: as a delta when a
 /// base is offered and the delta is small, else as a full chunk.
 fn save_chunk(
-    backend: &dyn Backend,
-    tensors: &[TensorIn<'_>],
-    c: &PlannedChunk,
-    opts: &SaveOptions,
-    claimed: &Mutex<HashSet<ObjectId>>,
-    existing: &AtomicBool,
-) -> Result<(ObjectId, Option<u128>, ChunkOutcome)> {
-    let mut encoder = match ENCODER.with(|cell| cell.take()) {
-        Some(e) => e,
-        None => Encoder::new()?,
-    };
-    let saved = save_chunk_with(backend, tensors, c, opts, claimed, existing, &mut encoder);
-    ENCODER.with(|cell| cell.set(Some(encoder)));
-    saved
-}
-
-fn save_chunk_with(
     backend: &dyn Backend,
     tensors: &[TensorIn<'_>],
     c: &PlannedChunk,
@@ -511,6 +496,18 @@ fn with_vec<R>(
     let mut v = key.with(|cell| cell.take());
     let r = f(&mut v);
     key.with(|cell| cell.set(v));
+    r
+}
+
+/// Runs `f` with this thread's [`Encoder`] (made on first use), kept for
+/// the thread's next chunk.
+fn with_encoder<R>(f: impl FnOnce(&mut Encoder) -> Result<R>) -> Result<R> {
+    let mut encoder = match ENCODER.with(|cell| cell.take()) {
+        Some(e) => e,
+        None => Encoder::new()?,
+    };
+    let r = f(&mut encoder);
+    ENCODER.with(|cell| cell.set(Some(encoder)));
     r
 }
 
