@@ -44,6 +44,13 @@ each timed step is read from ``/proc/stat``. A ``targets`` table says which of
 the issue's targets are met and by how much; for ``sparse``, a what-if table
 models the stored size under smaller chunks and delta encodings.
 
+The process fixes glibc's mmap and trim thresholds at 128 KiB (``--memory
+fresh``, see ``fresh_memory``): every step's arrays and buffers are fresh pages,
+as in a restarted process, instead of pages an earlier step of the rotation
+freed. ``--memory reuse`` keeps glibc's dynamic thresholds (the method before
+2026-11-27), under which the restore ratios on the small models moved with the
+order of the rotation.
+
 Each timed operation is preceded by ``sync`` and by warming memory (allocate,
 touch and free up to ``--warm-mib``) because memory the host has taken back is
 slow to touch (see BENCHMARKING.md). ``--cold`` drops the page cache before
@@ -332,6 +339,33 @@ def trim_heap() -> None:
     """
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+FRESH_THRESHOLD = 128 * 1024
+
+
+def fresh_memory() -> bool:
+    """Fixes glibc's mmap and trim thresholds at 128 KiB (``mallopt``) for the rest of
+    the process: every allocation of 128 KiB or more is then fresh pages from the
+    kernel, and every free gives them back, as in a process that has just started.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a block
+    it mapped is freed, and keeps up to twice that at the top of the heap: in a
+    long-running benchmark a loader that runs after large frees gets arrays in
+    pages that are already resident (no page faults, no zeroing), and one that
+    runs before them does not. The restore ratio then measured the order of the
+    rotation (MiniLM fp32: safetensors' load_file took 18-73 ms across runs of the
+    same build). A restart, what the restore figures stand for, allocates in a
+    fresh process. Returns False where ``mallopt`` is missing (not glibc).
+    """
+    mallopt = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, FRESH_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, FRESH_THRESHOLD)
+    )
 
 
 def warm_memory(nbytes: int) -> None:
@@ -1158,9 +1192,10 @@ def run_memory(bench: Bench, w: Workload) -> dict[str, Any]:
     """One save and one restore per system, for their peak extra RSS (run in a fresh child).
 
     In the timing process, memory an earlier step freed may still be resident
-    (glibc raises its mmap threshold as large blocks are freed and keeps the top
-    of each thread's arena), so a later step can allocate without raising RSS,
-    or RSS can drop during it: deltas there came out too low, even negative.
+    (with ``--memory reuse`` glibc raises its mmap threshold as large blocks are
+    freed and keeps the top of each thread's arena; ckpt keeps its per-worker
+    buffers), so a later step can allocate without raising RSS, or RSS can drop
+    during it: deltas there came out too low, even negative.
     The child runs with glibc's mmap and trim thresholds fixed at 128 KiB, so
     every large allocation is fresh memory and every free returns it.
     Series: ckpt saves version 1 and version 2 (incremental); every system
@@ -1802,6 +1837,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cold", action="store_true", help="drop the page cache before each load")
     p.add_argument(
+        "--memory",
+        choices=("fresh", "reuse"),
+        default="fresh",
+        help="fresh (default): every large allocation is new pages, as in a restarted"
+        " process (glibc mmap/trim thresholds fixed at 128 KiB); reuse: glibc's dynamic"
+        " thresholds, so a step may get pages an earlier step freed",
+    )
+    p.add_argument(
         "--peers",
         default=",".join(ALL_PEERS),
         help=f"comma-separated subset of {','.join(ALL_PEERS)} (the floor always runs)",
@@ -1926,6 +1969,9 @@ def main(argv: list[str] | None = None) -> int:
     parent = args.workdir or "/tmp"
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="ckpt-bench-", dir=parent)
+    if args.memory == "fresh" and not fresh_memory():
+        print("note: mallopt is not available; --memory reuse", file=sys.stderr)
+        args.memory = "reuse"
     torch_mod, torch_why = import_torch(args)
     info = machine_info(workdir, torch_mod)
     wanted = args.workload_list
@@ -2022,6 +2068,13 @@ def main(argv: list[str] | None = None) -> int:
         f" {threads}; runs: {args.runs} (series: {args.series_runs} x {args.versions} versions);"
         f" warm before each timed step: up to {args.warm_mib} MiB; loads:"
         f" {'cold' if bench.cache.effective else 'page cache'}",
+        "- memory: "
+        + (
+            "fresh pages for every allocation of 128 KiB or more, as in a restarted process"
+            " (glibc mmap and trim thresholds fixed with mallopt)"
+            if args.memory == "fresh"
+            else "reuse (glibc's dynamic thresholds: a step may get pages an earlier step freed)"
+        ),
         f"- peak extra RSS: {rss_how}, minus RSS at the step's start (file pages"
         " mapped by a loader count); restore overhead = peak extra - output size",
         f"- other load (busy CPU outside this process, incl. kernel I/O threads, share of all"
