@@ -306,9 +306,10 @@ fn with_chunk_bytes<R>(
     })
 }
 
-/// Hashes one planned chunk (its bytes `raw`, see [`with_chunk_bytes`]) and writes it unless
-/// it exists or another worker of this save claimed it: as a delta when a
-/// base is offered and the delta is small, else as a full chunk.
+/// Hashes one planned chunk (its bytes `raw`, see [`with_chunk_bytes`]) and
+/// writes it unless it exists or another worker of this save claimed it: as
+/// a delta when a base is offered and the delta is small, else as a full
+/// chunk.
 fn save_chunk(
     backend: &dyn Backend,
     tensors: &[TensorIn<'_>],
