@@ -406,7 +406,7 @@ fn identify(
         .iter()
         .find(|b| b.offset == p.offset as u64 && b.len == p.len as u64 && b.fingerprint.is_some());
     if let Some(k) = known {
-        let fingerprint = xxhash_rust::xxh3::xxh3_128(raw);
+        let fingerprint = twox_hash::XxHash3_128::oneshot(raw);
         if Some(fingerprint) == k.fingerprint {
             return (k.id, Some(fingerprint));
         }
@@ -414,17 +414,17 @@ fn identify(
     }
     // Both hashes from one read of the bytes, a cache-sized block at a time.
     let mut blake = blake3::Hasher::new();
-    let mut xxh = xxhash_rust::xxh3::Xxh3::new();
+    let mut xxh = twox_hash::XxHash3_128::new();
     for block in raw.chunks(HASH_BLOCK) {
         blake.update(block);
-        xxh.update(block);
+        xxh.write(block);
         if let Some(s) = split.as_deref_mut() {
             s.feed(block);
         }
     }
     (
         ObjectId(*blake.finalize().as_bytes()),
-        Some(xxh.digest128()),
+        Some(xxh.finish_128()),
     )
 }
 
@@ -1368,6 +1368,33 @@ mod tests {
         let mut targets: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         restore(fs, &chunks, &mut targets, &placements, Some(2)).unwrap();
         outs
+    }
+
+    #[test]
+    fn fingerprints_are_xxh3_128_of_each_whole_chunk() {
+        // XXH3-128 (seed 0) of the empty input, from the xxHash sanity tests.
+        assert_eq!(
+            twox_hash::XxHash3_128::oneshot(&[]),
+            0x99aa06d3014798d86001c324468d497f
+        );
+        let (_dir, fs) = store();
+        // Two chunks of 600 KiB, hashed in 256 KiB blocks, and a 100 KiB tail.
+        let d = data(1300 << 10, 7);
+        let t = TensorIn {
+            data: &d,
+            group: 1,
+            bases: &[],
+        };
+        let mut o = opts(2);
+        o.chunks.chunk_size = 600 << 10;
+        let saved = save(&fs, &[t], &o).unwrap();
+        let mut offset = 0;
+        for c in &saved.chunks {
+            let bytes = &d[offset..offset + c.raw_len as usize];
+            assert_eq!(c.fingerprint, Some(twox_hash::XxHash3_128::oneshot(bytes)));
+            offset += c.raw_len as usize;
+        }
+        assert_eq!((saved.chunks.len(), offset), (3, d.len()));
     }
 
     #[test]
