@@ -285,9 +285,11 @@ struct SaveShared {
 
 /// Runs `f` with the raw bytes of a planned chunk: borrowed from its tensor,
 /// or packed into this thread's `PACK` buffer. The buffer is kept between
-/// chunks: a fresh one per pack costs a mapping and a page fault per 4 KiB
-/// wherever the allocator does not recycle it (MiniLM bf16 saves: 1,900
-/// faults each, 18 ms of CPU, with glibc's thresholds fixed).
+/// chunks (up to [`PACK_KEEP`]): a fresh one per pack costs a mapping and a
+/// page fault per 4 KiB wherever the allocator does not recycle it (MiniLM
+/// bf16 saves: 1,900 faults each, 18 ms of CPU, with glibc's thresholds
+/// fixed). A task rayon runs on this thread while the buffer is out (BLAKE3
+/// of a chunk of 1 MiB or more joins) finds none and makes its own.
 fn with_chunk_bytes<R>(
     tensors: &[TensorIn<'_>],
     c: &PlannedChunk,
@@ -298,13 +300,21 @@ fn with_chunk_bytes<R>(
     }
     with_vec(&PACK, |packed| {
         packed.clear();
-        packed.reserve(c.len);
+        packed.reserve_exact(c.len);
         for p in &c.pieces {
             packed.extend_from_slice(&tensors[p.tensor].data[p.offset..p.offset + p.len]);
         }
-        f(packed)
+        let r = f(packed);
+        if packed.capacity() > PACK_KEEP {
+            *packed = Vec::new(); // a pack of a store with huge chunks: not kept
+        }
+        r
     })
 }
+
+/// Largest pack buffer a worker keeps between chunks (twice the default
+/// chunk size: tiny tensors share packs of up to one chunk).
+const PACK_KEEP: usize = 16 << 20;
 
 /// Hashes one planned chunk (its bytes `raw`, see [`with_chunk_bytes`]) and
 /// writes it unless it exists or another worker of this save claimed it: as
@@ -1395,6 +1405,11 @@ mod tests {
             offset += c.raw_len as usize;
         }
         assert_eq!((saved.chunks.len(), offset), (3, d.len()));
+        // The first chunk's value from xxhash-rust 0.8.21 (the large-input path).
+        assert_eq!(
+            saved.chunks[0].fingerprint,
+            Some(0xbb8f03e1d666fa58310972001d975f81)
+        );
     }
 
     #[test]
