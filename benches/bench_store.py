@@ -1185,7 +1185,12 @@ def _entry_bytes(m: dict[str, Any]) -> float:
 
 
 # ---------------------------------------------------------------- memory pass
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# The child's main() fixes the same thresholds with mallopt (``--memory fresh``);
+# the environment fixes them before the interpreter's own first allocations.
+MEMORY_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(FRESH_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(FRESH_THRESHOLD),
+}
 
 
 def run_memory(bench: Bench, w: Workload) -> dict[str, Any]:

@@ -287,8 +287,8 @@ struct SaveShared {
 /// or packed into this thread's `PACK` buffer. The buffer is kept between
 /// chunks (up to [`PACK_KEEP`]): a fresh one per pack costs a mapping and a
 /// page fault per 4 KiB wherever the allocator does not recycle it (MiniLM
-/// bf16 saves: 1,900 faults each, 18 ms of CPU, with glibc's thresholds
-/// fixed). A task rayon runs on this thread while the buffer is out (BLAKE3
+/// bf16 saves with glibc's thresholds fixed: 1,900 faults each, and about
+/// 12 ms of CPU that keeping the buffer saves). A task rayon runs on this thread while the buffer is out (BLAKE3
 /// of a chunk of 1 MiB or more joins) finds none and makes its own.
 fn with_chunk_bytes<R>(
     tensors: &[TensorIn<'_>],
