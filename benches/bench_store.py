@@ -1550,10 +1550,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
                 5.0,
                 True,
             )
+            # Each version's ratio is its median over the runs, as every other
+            # figure is; the slowest version is the smallest of those. One
+            # save hit by a burst of other load moves the range (shown in the
+            # ratios table), not this target, unless it is a single run.
             add(
-                "incremental save safetensors / ckpt >= 5 (slowest version)",
+                "incremental save safetensors / ckpt >= 5 (slowest version, median over runs)",
                 name,
-                1 / inc["max"],
+                min(r["per_version"]["safetensors_over_ckpt"][1:]),
                 5.0,
                 True,
             )
