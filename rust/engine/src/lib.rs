@@ -12,6 +12,7 @@ pub mod fault;
 #[cfg(test)]
 mod fuzz;
 pub mod huff;
+mod huff_pairs;
 pub mod object_id;
 pub mod pipeline;
 pub mod plan;
