@@ -416,7 +416,7 @@ fn identify(
         .iter()
         .find(|b| b.offset == p.offset as u64 && b.len == p.len as u64 && b.fingerprint.is_some());
     if let Some(k) = known {
-        let fingerprint = twox_hash::XxHash3_128::oneshot(raw);
+        let fingerprint = fingerprint(raw);
         if Some(fingerprint) == k.fingerprint {
             return (k.id, Some(fingerprint));
         }
@@ -437,6 +437,45 @@ fn identify(
         Some(xxh.finish_128()),
     )
 }
+
+/// XXH3-128 of `raw`, the same value as `XxHash3_128::oneshot`, reading
+/// ahead of the hasher.
+///
+/// A chunk that is most likely unchanged is read only for this, straight
+/// from memory. Hashed in one call, the reads and the hashing took turns:
+/// 5.1-5.5 GB/s on one core where the hasher alone does 28 GB/s in cache
+/// and a plain read ~7.6. Fed [`FP_STEP`] bytes at a time, with the lines
+/// [`FP_AHEAD`] bytes further on prefetched before each step, the loads are
+/// in flight while it hashes: 8.4-9.2 GB/s on one core, 11-14 on two
+/// (against 7-8 in one call), on 1 GiB in 8 MiB chunks.
+fn fingerprint(raw: &[u8]) -> u128 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let mut h = twox_hash::XxHash3_128::new();
+        let mut ahead = FP_AHEAD.min(raw.len());
+        for (k, step) in raw.chunks(FP_STEP).enumerate() {
+            let until = ((k + 1) * FP_STEP + FP_AHEAD).min(raw.len());
+            while ahead < until {
+                // SAFETY: a prefetch is only a hint (it never faults), and
+                // `ahead` is within `raw`.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(raw.as_ptr().add(ahead).cast()) };
+                ahead += 64;
+            }
+            h.write(step);
+        }
+        h.finish_128()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        twox_hash::XxHash3_128::oneshot(raw)
+    }
+}
+
+/// Bytes [`fingerprint`] hashes per step.
+const FP_STEP: usize = 2 << 10;
+/// How far ahead of the step being hashed [`fingerprint`] prefetches.
+const FP_AHEAD: usize = 4 << 10;
 
 /// Bytes hashed (and split) per step of [`identify`]: a multiple of every
 /// item width, small enough to stay in a core's L2 cache between passes.
@@ -1378,6 +1417,39 @@ mod tests {
         let mut targets: Vec<&mut [u8]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
         restore(fs, &chunks, &mut targets, &placements, Some(2)).unwrap();
         outs
+    }
+
+    #[test]
+    fn the_read_ahead_fingerprint_is_xxh3_128_of_the_whole_input() {
+        let data: Vec<u8> = (0..(1usize << 20) + 4099)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        for n in [
+            0,
+            1,
+            63,
+            64,
+            2047,
+            2048,
+            2049,
+            4096,
+            6143,
+            6144,
+            6145,
+            65_536 + 17,
+            data.len(),
+        ] {
+            assert_eq!(
+                fingerprint(&data[..n]),
+                twox_hash::XxHash3_128::oneshot(&data[..n]),
+                "{n}"
+            );
+        }
+        // an unaligned start
+        assert_eq!(
+            fingerprint(&data[3..]),
+            twox_hash::XxHash3_128::oneshot(&data[3..])
+        );
     }
 
     #[test]
