@@ -1703,7 +1703,7 @@ def series_markdown(results: dict[str, Any], cold: bool) -> str:
             ck, st, fl = pv["ckpt"], pv["safetensors"], pv["floor"]
             lines.append(
                 f"| {v + 1} | {fmt_s(ck['save_median'][v])} | {ck['bytes'][v] / MIB:.1f} |"
-                f" {fmt_s(st['save_median'][v])} | {pv['safetensors_over_ckpt'][v]:.1f} |"
+                f" {fmt_s(st['save_median'][v])} | {pv['safetensors_over_ckpt'][v]:.2f} |"
                 f" {fmt_s(fl['save_median'][v])} |"
             )
     return "\n".join(lines)

@@ -554,6 +554,12 @@ mod tests {
         assert_eq!(&ours[..3], &[0xAA; 3], "bytes before `at` are kept");
         assert_eq!(m, n, "size for {} bytes", src.len());
         assert!(ours[3..] == theirs[..], "bytes for {} bytes", src.len());
+        // the build without BMI2 writes the same
+        let mut portable: Vec<u8> = Vec::with_capacity(cap);
+        let k = ws.pairs.encode_with(src, &mut portable, 0, true);
+        // SAFETY: `encode_with` wrote `k` bytes from offset 0.
+        unsafe { portable.set_len(k) };
+        assert!(portable == theirs, "portable build, {} bytes", src.len());
         (n, Some(m))
     }
 

@@ -31,7 +31,7 @@ const LEN_SHIFT: u32 = 24;
 const CODE_MASK: u32 = (1 << LEN_SHIFT) - 1;
 
 /// The codes of one table, by byte and by pair of bytes (one per worker
-/// thread; 256 KiB).
+/// thread; 321 KiB, of which a block touches a few).
 pub struct PairCoder {
     /// Indexed by two input bytes read as a little-endian u16: the code of
     /// the second byte then the first's (the order a stream appends them).
@@ -158,11 +158,31 @@ impl PairCoder {
     /// # Panics
     /// If `out` has less than [`PairCoder::bound`] of capacity after `at`.
     pub fn encode(&self, src: &[u8], out: &mut Vec<u8>, at: usize) -> usize {
+        self.encode_with(src, out, at, false)
+    }
+
+    /// [`PairCoder::encode`], with the loops compiled without BMI2 where
+    /// `portable` (tests run that build on a CPU that has it).
+    pub(crate) fn encode_with(
+        &self,
+        src: &[u8],
+        out: &mut Vec<u8>,
+        at: usize,
+        portable: bool,
+    ) -> usize {
         let len = src.len();
         if len < 12 {
             return 0;
         }
-        assert!(at >= out.len() && out.capacity() >= at + Self::bound(len));
+        assert!(
+            at >= out.len()
+                && out
+                    .capacity()
+                    .checked_sub(at)
+                    .is_some_and(|room| room >= Self::bound(len)),
+            "the pair coder needs {} bytes of capacity after offset {at}",
+            Self::bound(len)
+        );
         let seg = len.div_ceil(4);
         let room = stream_room(seg);
         let parts = [
@@ -178,8 +198,8 @@ impl PairCoder {
         unsafe {
             let base = out.as_mut_ptr().add(at);
             let region = |k: usize| base.add(6 + k * room);
-            let [n0, n1] = self.encode_n([parts[0], parts[1]], [region(0), region(1)]);
-            let [n2, n3] = self.encode_n([parts[2], parts[3]], [region(2), region(3)]);
+            let [n0, n1] = self.encode_n([parts[0], parts[1]], [region(0), region(1)], portable);
+            let [n2, n3] = self.encode_n([parts[2], parts[3]], [region(2), region(3)], portable);
             let sizes = [n0, n1, n2, n3];
             if sizes.iter().any(|&n| n > MAX_STREAM) {
                 return 0;
@@ -209,10 +229,18 @@ impl PairCoder {
     ///
     /// # Safety
     /// Each `dst[k]` must have [`stream_room`] writable bytes for its
-    /// segment, and every byte of every segment a code.
-    unsafe fn encode_n<const N: usize>(&self, src: [&[u8]; N], dst: [*mut u8; N]) -> [usize; N] {
+    /// segment (bytes without a code give wrong output, never a write
+    /// outside that room).
+    unsafe fn encode_n<const N: usize>(
+        &self,
+        src: [&[u8]; N],
+        dst: [*mut u8; N],
+        portable: bool,
+    ) -> [usize; N] {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = portable;
         #[cfg(target_arch = "x86_64")]
-        {
+        if !portable {
             static BMI2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
             if *BMI2.get_or_init(|| std::is_x86_feature_detected!("bmi2")) {
                 // SAFETY: the CPU has BMI2; the rest is the caller's promise.
@@ -306,4 +334,64 @@ impl PairCoder {
 /// [`MAX_CODE_BITS`] per byte) and end mark, and the 8 bytes a flush stores.
 fn stream_room(len: usize) -> usize {
     (len * MAX_CODE_BITS as usize + 1).div_ceil(8) + 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zstd-format code table (`HUF_CElt`: the length in the low 8 bits,
+    /// the code in the top bits) giving `len`-bit codes to `symbols`.
+    fn table(symbols: impl Iterator<Item = u8>, len: u32) -> Vec<usize> {
+        let mut t = vec![0usize; 257];
+        for (k, s) in symbols.enumerate() {
+            let code = k & ((1 << len) - 1);
+            t[1 + s as usize] = len as usize | (code << (usize::BITS - len));
+        }
+        t
+    }
+
+    #[test]
+    fn no_input_writes_past_the_bound_even_bytes_without_a_code() {
+        let mut coder = PairCoder::default();
+        // A: 64 values with 11-bit codes (the longest), over a whole block
+        assert!(coder.load(&table(0..64, MAX_CODE_BITS), 255));
+        let src: Vec<u8> = (0..131_075u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 26) as u8)
+            .collect();
+        // B: other values, 2-bit codes; A's values keep their stale entries
+        assert!(coder.load(&table(200..204, 2), 255));
+        for (n, at) in [(src.len(), 5), (131_072, 0), (12, 3), (13, 0), (4099, 1)] {
+            let cap = at + PairCoder::bound(n);
+            for portable in [false, true] {
+                // exactly the capacity the bound asks for, then sentinels
+                let mut out: Vec<u8> = Vec::with_capacity(cap + 64);
+                out.resize(cap + 64, 0xEE);
+                out.truncate(at);
+                let mut tight: Vec<u8> = Vec::with_capacity(cap);
+                tight.extend_from_slice(&out);
+                let m = coder.encode_with(&src[..n], &mut out, at, portable);
+                assert!(m <= PairCoder::bound(n), "{n}: {m}");
+                // SAFETY: the sentinels were written by `resize` above.
+                let tail = unsafe { std::slice::from_raw_parts(out.as_ptr().add(cap), 64) };
+                assert!(
+                    tail.iter().all(|&b| b == 0xEE),
+                    "wrote past the bound for {n}"
+                );
+                // and with no slack at all, it runs within the capacity
+                if tight.capacity() == cap {
+                    coder.encode_with(&src[..n], &mut tight, at, portable);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "the pair coder needs")]
+    fn too_little_capacity_is_a_panic_not_a_write() {
+        let mut coder = PairCoder::default();
+        assert!(coder.load(&table(0..4, 2), 3));
+        let mut out = Vec::with_capacity(100);
+        coder.encode(&[1u8; 1000], &mut out, usize::MAX - 10);
+    }
 }
