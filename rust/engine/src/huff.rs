@@ -410,18 +410,26 @@ const MAX_PHANTOMS: usize = 16;
 /// the size the sample predicts (sampling noise on MiniLM: 0.97-1.04).
 const EXPECT_SLACK: f64 = 1.1;
 
+/// Bytes [`min_max`] reads per step, prefetching the next step's lines.
+const MM_STEP: usize = 2 << 10;
+
 /// The smallest and largest byte of a non-empty slice (64 lanes at a time,
 /// which the compiler turns into vector min/max).
 fn min_max(block: &[u8]) -> (u8, u8) {
     let mut lo = [u8::MAX; 64];
     let mut hi = [0u8; 64];
-    let mut lanes = block.chunks_exact(64);
-    for c in &mut lanes {
-        for i in 0..64 {
-            lo[i] = lo[i].min(c[i]);
-            hi[i] = hi[i].max(c[i]);
+    let whole = block.len() / 64 * 64;
+    let mut ahead = 0;
+    for (k, step) in block[..whole].chunks(MM_STEP).enumerate() {
+        crate::pipeline::prefetch_until(block, &mut ahead, ((k + 2) * MM_STEP).min(block.len()));
+        for c in step.chunks_exact(64) {
+            for i in 0..64 {
+                lo[i] = lo[i].min(c[i]);
+                hi[i] = hi[i].max(c[i]);
+            }
         }
     }
+    let lanes = block.chunks_exact(64);
     let (mut l, mut h) = (u8::MAX, 0u8);
     for &b in lo.iter().chain(lanes.remainder()) {
         l = l.min(b);

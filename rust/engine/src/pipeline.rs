@@ -467,7 +467,7 @@ fn fingerprint(raw: &[u8]) -> u128 {
 /// Prefetches the cache lines of `raw` from `*ahead` up to `until` (at most
 /// `raw.len()`) and moves `*ahead` there. A hint only: it changes no value.
 #[inline]
-fn prefetch_until(raw: &[u8], ahead: &mut usize, until: usize) {
+pub(crate) fn prefetch_until(raw: &[u8], ahead: &mut usize, until: usize) {
     #[cfg(target_arch = "x86_64")]
     while *ahead < until {
         // SAFETY: a prefetch never faults, and `*ahead` is within `raw`.
