@@ -421,7 +421,7 @@ fn min_max(block: &[u8]) -> (u8, u8) {
     let whole = block.len() / 64 * 64;
     let mut ahead = 0;
     for (k, step) in block[..whole].chunks(MM_STEP).enumerate() {
-        crate::pipeline::prefetch_until(block, &mut ahead, ((k + 2) * MM_STEP).min(block.len()));
+        crate::prefetch::until(block, &mut ahead, ((k + 2) * MM_STEP).min(block.len()));
         for c in step.chunks_exact(64) {
             for i in 0..64 {
                 lo[i] = lo[i].min(c[i]);
@@ -448,6 +448,36 @@ fn block_header(out: &mut Vec<u8>, kind: u32, size: usize, last: bool) {
 fn raw_block(out: &mut Vec<u8>, block: &[u8], last: bool) {
     block_header(out, 0, block.len(), last);
     out.extend_from_slice(block);
+}
+
+/// Builds zstd's table for `src`'s exact histogram into `ws.table` and
+/// returns its largest byte (tests and timings compare coders on it).
+#[cfg(test)]
+fn exact_table(src: &[u8], ws: &mut HuffWorkspace) -> c_uint {
+    let mut count = [0 as c_uint; 256];
+    for &b in src {
+        count[b as usize] += 1;
+    }
+    let max_symbol = src.iter().copied().max().unwrap() as c_uint;
+    let work = ws.work.as_mut_ptr().cast::<c_void>();
+    let work_len = ws.work.len() * 8;
+    let table = ws.table.as_mut_ptr();
+    // SAFETY: as in `sampled_block`.
+    unsafe {
+        let log = HUF_optimalTableLog(
+            TABLE_LOG,
+            src.len(),
+            max_symbol,
+            work,
+            work_len,
+            table,
+            count.as_ptr(),
+            huf_flags(),
+        );
+        let bits = HUF_buildCTable_wksp(table, count.as_ptr(), max_symbol, log, work, work_len);
+        assert_eq!(zstd_sys::ZSTD_isError(bits), 0);
+    }
+    max_symbol
 }
 
 #[cfg(test)]
@@ -515,30 +545,12 @@ mod tests {
     /// pair coder (None where the pair coder declines the table), asserting
     /// the bytes are the same.
     fn both_coders(src: &[u8], ws: &mut HuffWorkspace) -> (usize, Option<usize>) {
-        let mut count = [0 as c_uint; 256];
-        for &b in src {
-            count[b as usize] += 1;
-        }
-        let max_symbol = src.iter().copied().max().unwrap() as c_uint;
-        let work = ws.work.as_mut_ptr().cast::<c_void>();
-        let work_len = ws.work.len() * 8;
+        let max_symbol = exact_table(src, ws);
         let cap = src.len() * 2 + PairCoder::bound(src.len()) + 64;
         let mut theirs: Vec<u8> = Vec::with_capacity(cap);
-        // SAFETY: as in `sampled_block`; `theirs` has `cap` bytes of capacity.
+        // SAFETY: the table is built; `theirs` has `cap` bytes of capacity.
         let n = unsafe {
-            let table = ws.table.as_mut_ptr();
-            let log = HUF_optimalTableLog(
-                TABLE_LOG,
-                src.len(),
-                max_symbol,
-                work,
-                work_len,
-                table,
-                count.as_ptr(),
-                huf_flags(),
-            );
-            let bits = HUF_buildCTable_wksp(table, count.as_ptr(), max_symbol, log, work, work_len);
-            assert_eq!(zstd_sys::ZSTD_isError(bits), 0);
+            let table = ws.table.as_ptr();
             let n = HUF_compress4X_usingCTable(
                 theirs.as_mut_ptr().cast(),
                 cap,
@@ -803,34 +815,9 @@ mod timing {
             dbest = dbest.min(t.elapsed().as_secs_f64());
             assert_eq!(back.len(), plane.len());
         }
-        // the four-stream coders alone, one table per block as in a save
-        let mut count = [0 as c_uint; 256];
-        for &b in &plane[..BLOCK] {
-            count[b as usize] += 1;
-        }
-        let max_symbol = plane[..BLOCK].iter().copied().max().unwrap() as c_uint;
-        let work = ws.work.as_mut_ptr().cast::<c_void>();
-        // SAFETY: as in `sampled_block`.
-        unsafe {
-            let log = HUF_optimalTableLog(
-                TABLE_LOG,
-                BLOCK,
-                max_symbol,
-                work,
-                65536,
-                ws.table.as_mut_ptr(),
-                count.as_ptr(),
-                huf_flags(),
-            );
-            HUF_buildCTable_wksp(
-                ws.table.as_mut_ptr(),
-                count.as_ptr(),
-                max_symbol,
-                log,
-                work,
-                65536,
-            );
-        }
+        // the four-stream coders alone, with the first block's table (the
+        // pair tables are loaded for every block, as in a save)
+        let max_symbol = exact_table(&plane[..BLOCK], &mut ws);
         let mut dst: Vec<u8> = Vec::with_capacity(PairCoder::bound(BLOCK) + BLOCK);
         let (mut zk, mut pk) = (f64::MAX, f64::MAX);
         for _ in 0..5 {

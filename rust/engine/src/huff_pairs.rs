@@ -7,10 +7,11 @@
 //! two of the four streams in the same loop, so that two chains of
 //! dependent instructions overlap (four in one loop run out of registers and
 //! were slower). The pair table is filled only for the byte values the
-//! block's table codes (16-23 in MiniLM's exponent planes), so loading it
-//! costs a few microseconds per 128 KiB block. On this machine's Xeon it
-//! codes an exponent plane at 1.3-1.45x the speed of zstd's coder (`cargo
-//! test --release -p ckpt-engine huffman_vs_zstd -- --ignored --nocapture`).
+//! block's table codes (16-23 in 197 of MiniLM's 202 exponent-plane blocks,
+//! 8-31 in all), so loading it costs a few microseconds per 128 KiB block.
+//! On this machine's Xeon it codes an exponent plane at 1.3-1.45x the speed
+//! of zstd's coder (`cargo test --release -p ckpt-engine huffman_vs_zstd --
+//! --ignored --nocapture`).
 //!
 //! The output format is zstd's (RFC 8878, Huffman-coded streams): a 6-byte
 //! jump table with the sizes of the first three streams, then the streams.

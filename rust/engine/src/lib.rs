@@ -17,6 +17,7 @@ pub mod object_id;
 pub mod pipeline;
 pub mod plan;
 pub mod pool;
+mod prefetch;
 
 pub use backend::{commit_file, Backend, LocalFs};
 pub use chunk::EncodeOptions;

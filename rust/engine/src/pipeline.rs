@@ -454,7 +454,7 @@ fn fingerprint(raw: &[u8]) -> u128 {
     let mut h = twox_hash::XxHash3_128::new();
     let mut ahead = 0;
     for (k, step) in raw.chunks(FP_STEP).enumerate() {
-        prefetch_until(
+        crate::prefetch::until(
             raw,
             &mut ahead,
             ((k + 1) * FP_STEP + FP_AHEAD).min(raw.len()),
@@ -462,24 +462,6 @@ fn fingerprint(raw: &[u8]) -> u128 {
         h.write(step);
     }
     h.finish_128()
-}
-
-/// Prefetches the cache lines of `raw` from `*ahead` up to `until` (at most
-/// `raw.len()`) and moves `*ahead` there. A hint only: it changes no value.
-#[inline]
-pub(crate) fn prefetch_until(raw: &[u8], ahead: &mut usize, until: usize) {
-    #[cfg(target_arch = "x86_64")]
-    while *ahead < until {
-        // SAFETY: a prefetch never faults, and `*ahead` is within `raw`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                raw.as_ptr().add(*ahead).cast(),
-            )
-        };
-        *ahead += 64;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (raw, ahead, until);
 }
 
 /// Bytes [`fingerprint`] hashes per step.
