@@ -215,7 +215,12 @@ def test_ls_all_metrics_and_sort_and_limit(
     assert [v["id"] for v in data["versions"]] == [4, 2]  # val_loss 0.4, 0.5
     data = ckpt_json(capsys, "ls", run_store.root, "--limit", "2")
     assert [v["id"] for v in data["versions"]] == [5, 6]  # the newest two
-    data = ckpt_json(capsys, "ls", run_store.root, "--sort", "metric", "--metric", "acc")
+    code, _, err = ckpt_main(capsys, "ls", run_store.root, "--sort", "metric", "--metric", "acc")
+    assert code == 2  # acc is not the recorded monitor: its mode is not guessed
+    assert_one_line_error(err, "'acc'", "--mode min or --mode max")
+    data = ckpt_json(
+        capsys, "ls", run_store.root, "--sort", "metric", "--metric", "acc", "--mode", "min"
+    )
     assert data["metric"] == "acc" and data["mode"] == "min"
     assert [v["id"] for v in data["versions"]][:2] == [1, 3]
     data = ckpt_json(
@@ -304,7 +309,8 @@ def test_ls_fits_80_columns_with_long_names(
         store.save(
             {"w": np.ones(10**5, np.float64) * i}, step=10**9 + i, epoch=10**6, metrics=metrics
         )
-    for extra in ([], ["--all-metrics"], ["--metric", "validation/very_long_metric_name_3"]):
+    long_metric = ["--metric", "validation/very_long_metric_name_3", "--mode", "max"]
+    for extra in ([], ["--all-metrics"], long_metric):
         code, out, _ = ckpt_main(capsys, "ls", store.root, *extra)
         assert code == 0
         assert all(len(line) <= 80 for line in out.splitlines()), out
@@ -312,7 +318,7 @@ def test_ls_fits_80_columns_with_long_names(
 
 
 def test_ls_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store = ckpt.Store(tmp_path / "empty")
+    store = ckpt.Store(tmp_path / "empty").create()
     code, out, _ = ckpt_main(capsys, "ls", store.root)
     assert code == 0 and "no versions" in out
     assert ckpt_json(capsys, "ls", store.root)["versions"] == []
@@ -376,11 +382,14 @@ def test_best(run_store: ckpt.Store, capsys: pytest.CaptureFixture[str]) -> None
     assert best_acc is not None
     data = ckpt_json(capsys, "best", run_store.root, "--metric", "acc", "--mode", "max")
     assert data["id"] == best_acc.id == 4
-    assert ckpt_json(capsys, "best", run_store.root, "--metric", "acc")["id"] == 1
+    assert ckpt_json(capsys, "best", run_store.root, "--metric", "acc", "--mode", "min")["id"] == 1
+    code, out, err = ckpt_main(capsys, "best", run_store.root, "--metric", "acc")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "'acc'", "recorded monitor is val_loss (min)", "--mode min")
 
 
 def test_best_exits_1_without_the_metric(run_store: ckpt.Store) -> None:
-    r = ckpt_run("best", run_store.root, "--metric", "bleu")
+    r = ckpt_run("best", run_store.root, "--metric", "bleu", "--mode", "max")
     assert r.returncode == 1 and r.stdout == ""
     assert_one_line_error(r.stderr, "no version", "'bleu'")
 
@@ -398,7 +407,15 @@ def test_best_without_any_monitor_is_a_usage_error(
 # ------------------------------------------------------------------ VERSION
 @pytest.mark.parametrize(
     ("ref", "want"),
-    [("3", 3), ("latest", 6), ("best", 4), ("step=20", 3), ("best:acc", 1), ("best:acc:max", 4)],
+    [
+        ("3", 3),
+        ("latest", 6),
+        ("best", 4),
+        ("step=20", 3),
+        ("best:val_loss", 4),
+        ("best:acc:min", 1),
+        ("best:acc:max", 4),
+    ],
 )
 def test_version_forms(
     run_store: ckpt.Store, ref: str, want: int, capsys: pytest.CaptureFixture[str]
@@ -411,7 +428,10 @@ def test_best_version_follows_metric_option(
 ) -> None:
     data = ckpt_json(capsys, "show", run_store.root, "best", "--metric", "acc", "--mode", "max")
     assert data["id"] == 4
-    assert ckpt_json(capsys, "show", run_store.root, "best", "--metric", "acc")["id"] == 1
+    data = ckpt_json(capsys, "show", run_store.root, "best", "--metric", "acc", "--mode", "min")
+    assert data["id"] == 1
+    code, _, err = ckpt_main(capsys, "show", run_store.root, "best", "--metric", "acc")
+    assert code == 2 and "--mode min or --mode max" in err
 
 
 @pytest.mark.parametrize(
@@ -419,11 +439,12 @@ def test_best_version_follows_metric_option(
     [
         ("99", 1, "version 99 is not in"),
         ("step=999", 1, "no version at step 999"),
-        ("step=x", 2, "step=N needs a non-negative integer"),
-        ("first", 2, "unknown version 'first'"),
+        ("step=x", 2, "the step must be a non-negative integer"),
+        ("first", 2, "unknown version reference 'first'"),
         ("-1", 2, "unknown version"),
         ("best:loss:up", 2, "best:METRIC:min|max"),
-        ("best:bleu", 1, "no version of"),
+        ("best:bleu", 2, "write best:bleu:min|max"),
+        ("best:bleu:max", 1, "no version of"),
     ],
 )
 def test_bad_versions_are_one_line_errors(

@@ -99,7 +99,12 @@ def test_gc_keep_best_uses_metric_and_mode(
     code, _, err = ckpt_main(capsys, "gc", store.root, "--keep-best", "1", "--dry-run")
     assert code == 2
     assert_one_line_error(err, "--keep-best needs a metric")
-    data = ckpt_json(capsys, "gc", store.root, "--keep-best", "2", "--metric", "loss", "-n")
+    code, _, err = ckpt_main(capsys, "gc", store.root, "--keep-best", "1", "--metric", "loss")
+    assert code == 2  # no recorded monitor: whether lower loss is better is not guessed
+    assert_one_line_error(err, "'loss'", "--mode min or --mode max")
+    data = ckpt_json(
+        capsys, "gc", store.root, "--keep-best", "2", "--metric", "loss", "--mode", "min", "-n"
+    )
     assert data["versions"] == [1, 3]  # keeps 2 and 4 (best two), 5 (latest)
     data = ckpt_json(
         capsys, "gc", store.root, "--keep-best", "1", "--metric", "loss", "--mode", "max", "-y"
@@ -187,7 +192,7 @@ def test_pin_and_unpin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         "pinned": True,
         "changed": False,
     }
-    assert ckpt_json(capsys, "pin", store.root, "best", "--metric", "loss")["id"] == 4
+    assert ckpt_json(capsys, "pin", store.root, "best:loss:min")["id"] == 4
     assert store.pinned() == {3, 4}
     code, out, _ = ckpt_main(capsys, "unpin", store.root, "3")
     assert code == 0 and "no longer pinned" in out and store.pinned() == {4}
@@ -365,7 +370,7 @@ def test_plot_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert code == 2
     assert_one_line_error(err, "--metric")
     code, _, err = ckpt_main(
-        capsys, "plot", store.root, "--metric", "bleu", "--out", tmp_path / "c.png"
+        capsys, "plot", store.root, "--metric", "bleu", "--mode", "max", "--out", tmp_path / "c.png"
     )
     assert code == 1
     assert_one_line_error(err, "no version", "'bleu'")

@@ -11,15 +11,20 @@ arrive as the builtin ``OSError`` subclasses (``FileNotFoundError``,
 from __future__ import annotations
 
 __all__ = [
+    "BadReferenceError",
     "CheckpointError",
+    "ConcurrentRunError",
+    "MetricModeError",
     "FormatError",
     "IntegrityError",
     "MissingMetricError",
     "MissingObjectError",
     "StepExistsError",
+    "StepOrderError",
     "StoreFullError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreReadOnlyError",
     "UnsafeLoadError",
     "VersionNotFoundError",
 ]
@@ -80,12 +85,43 @@ class VersionNotFoundError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class BadReferenceError(VersionNotFoundError, ValueError):
+    """A version reference is none of the accepted forms (see :mod:`ckpt.refs`)."""
+
+
+class MetricModeError(CheckpointError, ValueError):
+    """ "Best" by a metric whose direction is not known: say ``min`` or ``max``.
+
+    A metric's mode is known only for the monitor the manager recorded; for
+    any other metric ckpt does not guess whether lower or higher is better.
+    """
+
+
 class StoreNotFoundError(CheckpointError, FileNotFoundError):
     """The path is not a ckpt store (and ``create=False`` was given)."""
 
 
 class StoreLockedError(CheckpointError):
     """Another writer holds the store's lock."""
+
+
+class ConcurrentRunError(StoreLockedError):
+    """Another training run saved to this store since this manager last looked.
+
+    Two runs interleaving versions in one store would delete each other's
+    versions through retention and resume from each other's states; the
+    manager refuses to save instead (see :class:`ckpt.CheckpointManager`).
+    """
+
+
+class StoreReadOnlyError(CheckpointError, PermissionError):
+    """The store cannot be written here (a read-only mount, or no write permission).
+
+    Reading works: listing, loading and verifying take no lock.
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if isinstance(self.strerror, str) else super().__str__()
 
 
 class StoreFullError(CheckpointError, OSError):
@@ -104,6 +140,11 @@ class StoreFullError(CheckpointError, OSError):
 
 class StepExistsError(CheckpointError, ValueError):
     """A version for this step exists already (pass ``overwrite=True`` to replace it)."""
+
+
+class StepOrderError(CheckpointError, ValueError):
+    """A step older than the one the manager's state is at (pass ``overwrite=True``,
+    or restore an older version first)."""
 
 
 class MissingMetricError(CheckpointError, KeyError):

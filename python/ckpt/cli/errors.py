@@ -15,9 +15,11 @@ no version with the metric for ``best``, deletions not confirmed by ``gc``);
 from __future__ import annotations
 
 from ..errors import (
+    BadReferenceError,
     CheckpointError,
     FormatError,
     IntegrityError,
+    MetricModeError,
     MissingObjectError,
     StoreLockedError,
     StoreNotFoundError,
@@ -62,6 +64,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return exc.message, exc.code
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, (BadReferenceError, MetricModeError)):
+        return str(exc), EXIT_USAGE
     if isinstance(exc, StoreNotFoundError):
         return f"{exc.strerror or exc}", EXIT_FAILURE
     if isinstance(exc, VersionNotFoundError):

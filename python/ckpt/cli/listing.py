@@ -175,7 +175,7 @@ def _sorted(versions: list[Version], key: str, monitor: Monitor) -> list[Version
                 "--sort metric needs a metric: the store records no monitor; pass --metric NAME",
                 EXIT_USAGE,
             )
-        good = ranked(versions, monitor.metric, monitor.mode)
+        good = ranked(versions, monitor.metric, monitor.mode or "min")
         ids = {v.id for v in good}
         return good + [v for v in versions if v.id not in ids]
     if key == "step":
@@ -371,7 +371,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         for x in select(views, patterns)
     ]
     trainer = dict(m.get("trainer", {}))
-    es = trainer.get("early_stopping") if isinstance(trainer.get("early_stopping"), dict) else None
+    raw_es = trainer.get("early_stopping")
+    # one early stopping is an object (as older releases wrote it), several a list
+    stoppers = [
+        e for e in (raw_es if isinstance(raw_es, list) else [raw_es]) if isinstance(e, dict)
+    ]
+    es = raw_es if stoppers else None
     flags = {
         "latest": v.id == versions[-1].id,
         "best": best is not None and best.id == v.id,
@@ -425,8 +430,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     if trainer.get("saved_because"):
         fields.append(("saved because", trainer["saved_because"]))
     print_fields(fields)
-    if es is not None:
-        config = trainer.get("manager", {}).get("early_stopping") or {}
+    raw_configs = trainer.get("manager", {}).get("early_stopping") or {}
+    configs = raw_configs if isinstance(raw_configs, list) else [raw_configs]
+    for i, es in enumerate(stoppers):
+        config = configs[i] if i < len(configs) and isinstance(configs[i], dict) else {}
         print(f"early stopping ({es.get('monitor')}, {es.get('mode')})")
         patience = config.get("patience")
         stopped = es.get("stopped_step")

@@ -164,7 +164,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "--keep-best needs a metric: the store records no monitor; pass --metric NAME",
             EXIT_USAGE,
         )
-    plan = _plan(store, keep, monitor.metric, monitor.mode)
+    plan = _plan(store, keep, monitor.metric, monitor.mode or "min")
     base = {"store": store.root, "dry_run": args.dry_run, "rules": keep.to_dict() if keep else None}
     if plan.empty:
         if args.json:
@@ -185,7 +185,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if not confirm("delete them?"):
             print("nothing deleted")
             return EXIT_FAILURE
-    applied = _apply(store, plan, keep, monitor.metric, monitor.mode, checked=not args.yes)
+    applied = _apply(store, plan, keep, monitor.metric, monitor.mode or "min", checked=not args.yes)
     if args.json:
         emit_json({**base, "applied": True, **_plan_json(applied)})
     else:

@@ -1,31 +1,32 @@
 """What STORE and VERSION arguments mean, and which metric "best" uses.
 
-VERSION, everywhere a command takes one:
+VERSION, everywhere a command takes one, is a reference of :mod:`ckpt.refs`
+(the grammar the library uses too): an id (``7``), ``latest``, ``step=N``
+(the newest version saved at step N), ``best`` (by the metric and mode the
+:class:`~ckpt.CheckpointManager` recorded, or ``--metric``/``--mode``),
+``best:METRIC`` and ``best:METRIC:min|max``.
 
-* an id (``7``), ``latest``, or ``step=N`` (the newest version saved at step N),
-  all resolved by :meth:`ckpt.Store.resolve`;
-* ``best``: the best version by the metric the :class:`~ckpt.CheckpointManager`
-  recorded (its ``monitor`` and ``mode``), or by ``--metric``/``--mode``;
-* ``best:METRIC`` and ``best:METRIC:max`` name the metric (and mode) inline.
-
-The metric of ``best`` (and of ``ls``, ``best``, ``gc``, ``plot``): ``--metric``
-when given, else the manager's recorded monitor. The mode: ``--mode`` when
-given, else the recorded mode if the metric is the recorded monitor, else
-``min``.
+The metric of ``best`` (and of ``ls``, ``best``, ``gc``, ``plot``): the one
+inline in the reference, else ``--metric``, else the recorded monitor. The
+mode: inline, else ``--mode``, else the recorded mode if the metric is the
+recorded monitor; for any other metric the command refuses to guess and asks
+for ``--mode min|max`` (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from typing import Any
 
 from ..index import Version
+from ..refs import Monitor, choose_monitor, recorded_monitor
+from ..refs import resolve as resolve_ref
 from ..retention import best_of
 from ..store import Store
-from .errors import EXIT_USAGE, CliError
 
 __all__ = ["Monitor", "add_metric_options", "best_version", "monitor_of", "open_store", "resolve"]
+
+#: How a command names a mode, in MetricModeError messages.
+MODE_HINT = "pass --mode min or --mode max (or write best:{metric}:min|max)"
 
 
 def open_store(path: str) -> Store:
@@ -48,43 +49,28 @@ def add_metric_options(p: argparse.ArgumentParser, what: str = "best") -> None:
     p.add_argument(
         "--mode",
         choices=("min", "max"),
-        help="whether lower or higher is better (default: as recorded, else min)",
+        help="whether lower or higher is better (default: the recorded mode, for the"
+        " recorded monitor; required for any other metric)",
     )
-
-
-@dataclass(frozen=True)
-class Monitor:
-    """The metric that defines "best", and whether lower or higher is better."""
-
-    metric: str | None
-    mode: str
-
-    def describe(self) -> str:
-        return f"{self.metric} ({self.mode})" if self.metric else "no metric"
 
 
 def monitor_of(
     store: Store, metric: str | None, mode: str | None, latest: Version | None = None
 ) -> Monitor:
-    """The metric and mode of "best": explicit options first, then what the manager recorded."""
-    manager: dict[str, Any] = {}
+    """The metric and mode of "best": explicit options first, then what the manager recorded.
+
+    Raises:
+        MetricModeError: ``metric`` is not the recorded monitor and ``mode`` is None.
+    """
     latest = latest if latest is not None else store.latest()
-    if latest is not None and isinstance(latest.trainer.get("manager"), dict):
-        manager = latest.trainer["manager"]
-    recorded_metric = manager.get("monitor") if isinstance(manager.get("monitor"), str) else None
-    recorded_mode = str(manager["mode"]) if manager.get("mode") in ("min", "max") else "min"
-    chosen = metric if metric is not None else recorded_metric
-    if mode is None:
-        mode = recorded_mode if chosen is not None and chosen == recorded_metric else "min"
-    return Monitor(chosen, mode)
+    return choose_monitor(metric, mode, recorded_monitor(latest), hint=MODE_HINT)
 
 
 def best_version(versions: list[Version], monitor: Monitor) -> Version | None:
     """The best version (NaN ignored, ties to the earliest), as :meth:`Store.best` decides."""
+    if monitor.metric is None or monitor.mode is None:
+        return None
     return best_of(versions, monitor.metric, monitor.mode)
-
-
-_FORMS = "an id, latest, best, best:METRIC[:min|max] or step=N"
 
 
 def resolve(
@@ -94,51 +80,13 @@ def resolve(
     mode: str | None = None,
     versions: list[Version] | None = None,
 ) -> Version:
-    """The version a VERSION argument names.
+    """The version a VERSION argument names (:func:`ckpt.refs.resolve`).
 
     Raises:
         VersionNotFoundError: no such version (or no version has the metric).
-        CliError: ``ref`` is not one of the accepted forms, or ``best`` has no metric.
+        BadReferenceError: ``ref`` is not one of the accepted forms, or
+            ``best`` has no metric (exit status 2).
+        MetricModeError: ``best`` by a metric whose mode is not known (exit status 2).
     """
-    from ..errors import VersionNotFoundError
-
-    text = ref.strip()
     versions = versions if versions is not None else store.versions()
-    if text == "best" or text.startswith("best:"):
-        parts = text.split(":")
-        if len(parts) > 3 or (len(parts) == 3 and parts[2] not in ("min", "max")):
-            raise CliError(
-                f"bad version {ref!r}: use best:METRIC or best:METRIC:min|max", EXIT_USAGE
-            )
-        if len(parts) >= 2:
-            metric = parts[1] or None
-        if len(parts) == 3:
-            mode = parts[2]
-        monitor = monitor_of(store, metric, mode, versions[-1] if versions else None)
-        if monitor.metric is None:
-            raise CliError(
-                "'best' needs a metric: the store records no monitor; pass --metric NAME"
-                " or write best:NAME",
-                EXIT_USAGE,
-            )
-        found = best_version(versions, monitor)
-        if found is None:
-            raise VersionNotFoundError(
-                f"no version of {store.root} has the metric {monitor.metric!r}"
-            )
-        return found
-    if text == "latest":
-        if not versions:
-            raise VersionNotFoundError(f"{store.root} has no versions yet")
-        return versions[-1]
-    if text.startswith("step="):
-        digits = text[5:]
-        if not (digits.isascii() and digits.isdigit()):
-            raise CliError(f"bad version {ref!r}: step=N needs a non-negative integer", EXIT_USAGE)
-    elif not (text.isascii() and text.isdigit()):
-        raise CliError(f"unknown version {ref!r}: use {_FORMS}", EXIT_USAGE)
-    vid = store.resolve(text)
-    for v in versions:
-        if v.id == vid:
-            return v
-    raise VersionNotFoundError(f"version {vid} is not in {store.root}")
+    return resolve_ref(versions, ref, root=store.root, metric=metric, mode=mode, hint=MODE_HINT)
