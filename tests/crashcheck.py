@@ -38,7 +38,17 @@ __all__ = [
 CHUNKS = {"chunk_size": 64 * 1024, "small_threshold": 16 * 1024}
 
 #: Every entry a store's root may hold.
-TOP_LEVEL = {"ckpt-store.json", "objects", "versions", "pins", "tmp", "cache", "lock", "last-id"}
+TOP_LEVEL = {
+    "ckpt-store.json",
+    "objects",
+    "versions",
+    "pins",
+    "tmp",
+    "cache",
+    "lock",
+    "last-id",
+    "history.jsonl",
+}
 
 
 def tree_for(k: int) -> dict[str, object]:

@@ -70,13 +70,19 @@ def test_check_finite_stops_with_a_reason_that_says_so(bad: float) -> None:
     assert relaxed.best == 0.5 and relaxed.best_step == 2
 
 
-def test_start_from_warm_up_is_recorded_but_never_stops() -> None:
+def test_start_from_warm_up_is_ignored_entirely() -> None:
+    """Keras' start_from_epoch: warm-up values never stop, never become the best."""
     es = ckpt.EarlyStopping(monitor="loss", patience=1, start_from=3, stopping_threshold=0.0)
-    assert run(es, [1.0, 2.0, -1.0, 3.0]) == (3, es.reason)
-    assert es.best == -1.0 and es.best_step == 2 and es.evaluations == 4
+    assert run(es, [1.0, 2.0, -1.0, 3.0]) == (None, None)  # -1.0 was warm-up: no threshold stop
+    assert es.best == 3.0 and es.best_step == 3 and es.evaluations == 4 and es.wait == 0
     es = ckpt.EarlyStopping(monitor="loss", patience=1, start_from=2)
-    assert run(es, [1.0, math.nan, 2.0]) == (2, es.reason)
+    assert run(es, [1.0, math.nan, 2.0, 2.5]) == (3, es.reason)
+    assert es.best == 2.0 and es.best_step == 2
     assert "did not improve" in es.reason
+    # a warm-up value better than everything after it does not become the best
+    es = ckpt.EarlyStopping(monitor="acc", mode="max", patience=2, start_from=1)
+    assert run(es, [0.99, 0.5, 0.6, 0.7]) == (None, None)
+    assert es.best == 0.7 and es.best_step == 3
 
 
 def test_stop_is_sticky() -> None:

@@ -96,7 +96,7 @@ def test_store_lists_the_golden_versions(golden_copy: Path) -> None:
         assert dict(v.trainer) == spec["trainer"]
         assert v.parent == (v.id - 1 if v.id > 1 else None)
     assert store.pinned() == set(golden.PINNED)
-    assert store.best("loss").id == 2
+    assert store.best("loss", "min").id == 2
     assert store.latest().id == 3
 
 
@@ -152,7 +152,7 @@ def test_the_current_writer_reproduces_the_golden_chunks(tmp_path: Path) -> None
     """Saving the same trees today gives the same chunk ids, tables and skeletons,
     under the packing rule the golden store was made with ("width": no key)."""
     params = {"chunk_size": golden.CHUNK_SIZE, "small_threshold": golden.SMALL_THRESHOLD}
-    set_packing(ckpt.Store(tmp_path / "fresh", **params).root, None)
+    set_packing(ckpt.Store(tmp_path / "fresh", **params).create().root, None)
     store = ckpt.Store(tmp_path / "fresh", **params)
     assert not store.size_classes
     for vid, spec in zip(IDS, EXPECTED, strict=True):

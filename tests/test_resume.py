@@ -50,6 +50,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def check_invariants(root: Path) -> None:
     """After any kill: latest loads bit-exact and verifies; debris only in tmp/."""
     store = ckpt.Store(root)
+    if not root.exists():  # killed before its first save: a store is made by its first write
+        assert store.versions() == [] and not store.exists
+        return
     latest = store.latest()
     if latest is not None:
         store.load(latest)
@@ -63,6 +66,7 @@ def check_invariants(root: Path) -> None:
             "tmp",
             "cache",
             "lock",
+            "history.jsonl",
         }
 
 

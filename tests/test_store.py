@@ -23,10 +23,12 @@ def model(seed: int, n: int = 6) -> dict[str, np.ndarray]:
 
 def test_layout_and_version_fields(store: ckpt.Store) -> None:
     root = Path(store.root)
+    assert not root.exists() and not store.exists  # opening creates nothing: the first write does
+    v = store.save(model(0), step=100, epoch=3, metrics={"val_loss": 0.31}, meta={"git": "abc"})
+    assert store.exists
     assert json.loads((root / "ckpt-store.json").read_text())["format"] == "ckpt-store"
     for d in ("objects", "versions", "pins", "tmp"):
         assert (root / d).is_dir()
-    v = store.save(model(0), step=100, epoch=3, metrics={"val_loss": 0.31}, meta={"git": "abc"})
     assert (v.id, v.step, v.epoch, dict(v.metrics), dict(v.meta)) == (
         1,
         100,
@@ -74,10 +76,12 @@ def test_best_ignores_missing_and_nan_and_ties_go_to_earliest(store: ckpt.Store)
     store.save(t, metrics={"loss": 0.2})
     store.save(t, metrics={"acc": 0.9})
     store.save(t, metrics={"loss": 0.2, "acc": float("nan")})
-    assert store.best("loss").id == 2
+    assert store.best("loss", mode="min").id == 2
     assert store.best("loss", mode="max").id == 1
     assert store.best("acc", mode="max").id == 3
-    assert store.best("nope") is None
+    assert store.best("nope", mode="min") is None
+    with pytest.raises(ckpt.MetricModeError, match="pass mode='min' or mode='max'"):
+        store.best("loss")  # no monitor recorded: lower or higher is not guessed
     with pytest.raises(ValueError, match="mode must be"):
         store.best("loss", mode="lowest")
     assert store.versions()[3].metrics["acc"] != store.versions()[3].metrics["acc"]  # NaN kept
@@ -94,6 +98,10 @@ def test_load_by_id_version_and_references(store: ckpt.Store) -> None:
 
 
 def test_missing_versions_raise_version_not_found(store: ckpt.Store) -> None:
+    with pytest.raises(ckpt.VersionNotFoundError, match="there is no store there"):
+        store.load()  # not created yet: the message says to check the path
+    store.save({"a": np.zeros(1)})
+    store.delete(1)
     with pytest.raises(ckpt.VersionNotFoundError, match="has no versions yet"):
         store.load()
     store.save({"a": np.zeros(1)})
@@ -406,11 +414,13 @@ def test_chunking_parameters_are_recorded_so_reopened_stores_still_dedup(tmp_pat
 
 def test_packing_rule_is_recorded_and_older_stores_keep_theirs(tmp_path: Path) -> None:
     marker = Path(ckpt.Store(tmp_path / "new").root, "ckpt-store.json")
+    assert not marker.exists()  # opening creates nothing
+    ckpt.Store(tmp_path / "new").create()
     assert json.loads(marker.read_text())["packing"] == "size-classes"
     # a store made before the key existed: its writers keep the "width" rule, so
     # a mid-size tensor and a bias still share the pack they always shared
     tree = {"w": np.arange(100_000, dtype=np.float32), "b": np.ones(10, np.float32)}
-    old = ckpt.Store(tmp_path / "old", durable=False)
+    old = ckpt.Store(tmp_path / "old", durable=False).create()
     set_packing(old.root, None)
     old = ckpt.Store(tmp_path / "old", durable=False)
     assert not old.size_classes
@@ -489,14 +499,15 @@ def test_version_references(store: ckpt.Store) -> None:
     store.save({"a": np.zeros(1)}, step=6, metrics={"loss": 0.2, "acc": 0.3})
     store.save({"a": np.zeros(1)}, step=6, metrics={"loss": 0.9, "acc": 0.2})
     assert store.resolve("2") == 2 and store.resolve("step=6") == 3
-    assert store.resolve("best:loss") == 2 and store.resolve("best:acc:max") == 2
+    assert store.resolve("best:loss:min") == 2 and store.resolve("best:acc:max") == 2
     assert store.resolve("best:loss:max") == 3
     for bad, message in [
         ("step=abc", "the step must be a non-negative integer"),
         ("\\u0661", "unknown version reference"),
-        ("best", "no monitored metric recorded"),
-        ("best:nope", "has the metric 'nope'"),
+        ("best", "'best' needs a metric"),
+        ("best:nope:min", "has the metric 'nope'"),
         ("newest", "use an id, latest, best"),
+        ("best:x:lowest", "use best:METRIC or best:METRIC:min|max"),
     ]:
         with pytest.raises(ckpt.VersionNotFoundError, match=message):
             store.resolve(bad.encode().decode("unicode_escape"))

@@ -11,18 +11,24 @@ import sys as _sys
 from . import _core
 from .early_stopping import Decision, EarlyStopping
 from .errors import (
+    BadReferenceError,
     CheckpointError,
+    ConcurrentRunError,
     FormatError,
     IntegrityError,
+    MetricModeError,
     MissingMetricError,
     MissingObjectError,
     StepExistsError,
+    StepOrderError,
     StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
+    StoreReadOnlyError,
     UnsafeLoadError,
     VersionNotFoundError,
 )
+from .history import HistoryEntry
 from .index import Version
 from .manager import CheckpointManager
 from .retention import Keep
@@ -69,23 +75,29 @@ if _dist != __version__:  # pragma: no cover - a stale build
     )
 
 __all__ = [
+    "BadReferenceError",
     "CheckpointError",
+    "ConcurrentRunError",
     "CheckpointManager",
     "Decision",
     "EarlyStopping",
     "FormatError",
     "GcResult",
+    "HistoryEntry",
     "IntegrityError",
     "Keep",
+    "MetricModeError",
     "MissingMetricError",
     "MissingObjectError",
     "Problem",
     "RetentionResult",
     "StepExistsError",
+    "StepOrderError",
     "Store",
     "StoreFullError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StoreReadOnlyError",
     "UnsafeLoadError",
     "VerifyResult",
     "Version",

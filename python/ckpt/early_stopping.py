@@ -25,12 +25,19 @@ Semantics, for ``mode="min"`` (``"max"`` mirrors every comparison):
   (``value > divergence_threshold``): the run is diverging.
 * **check_finite**: stop when the value is NaN or infinite. With
   ``check_finite=False`` such a value simply is not an improvement.
-* **start_from**: the first ``start_from`` evaluations are recorded (best and
-  best step are updated) but never stop training and do not count towards
-  ``patience`` (warm-up).
+* **start_from**: the first ``start_from`` evaluations are ignored entirely
+  (Keras' ``start_from_epoch``): they never stop training, never become the
+  best, and do not count towards ``patience`` (warm-up). They do count in
+  ``evaluations``.
 * The checks run in the order: warm-up, finite, stopping threshold,
   divergence threshold, patience; the first that fires gives the reason.
 * Once stopped, every later update returns the same stop decision.
+* **monitor and mode** default to the :class:`~ckpt.CheckpointManager`'s
+  (``monitor``, ``mode``): an instance given to a manager without them
+  inherits them; one that names the manager's monitor with another mode is a
+  ``ValueError``. Used alone, ``mode`` defaults to ``"min"`` (Lightning's
+  default). A manager also resets the instance (or loads the state the store
+  recorded), so an instance that stopped once is not stopped in a new run.
 
 Thread-safety: an instance is plain mutable state; use it from one thread.
 """
@@ -64,7 +71,8 @@ class EarlyStopping:
 
     Args:
         monitor: metric name; None to take the manager's ``monitor``.
-        mode: ``"min"`` (lower is better) or ``"max"``.
+        mode: ``"min"`` (lower is better) or ``"max"``; None to take the
+            manager's mode when this monitors the manager's metric (alone: ``"min"``).
         patience: evaluations without improvement before stopping (>= 0).
         min_delta: smallest change that counts as an improvement (>= 0).
         baseline: value the metric must beat for an improvement to reset patience.
@@ -81,7 +89,7 @@ class EarlyStopping:
     def __init__(
         self,
         monitor: str | None = None,
-        mode: str = "min",
+        mode: str | None = None,
         patience: int = 3,
         min_delta: float = 0.0,
         baseline: float | None = None,
@@ -90,7 +98,7 @@ class EarlyStopping:
         check_finite: bool = True,
         start_from: int = 0,
     ) -> None:
-        if mode not in ("min", "max"):
+        if mode not in (None, "min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"patience must be a non-negative int, got {patience!r}")
@@ -107,7 +115,10 @@ class EarlyStopping:
             if value is not None and not math.isfinite(float(value)):
                 raise ValueError(f"{name} must be a finite number or None, got {value!r}")
         self.monitor = monitor
-        self.mode = mode
+        self.mode: str = mode or "min"
+        #: what the caller chose; the rest comes from the manager (see bind)
+        self.given_monitor = monitor
+        self.given_mode = mode
         self.patience = patience
         self.min_delta = min_delta
         self.baseline = None if baseline is None else float(baseline)
@@ -118,6 +129,37 @@ class EarlyStopping:
         self.check_finite = bool(check_finite)
         self.start_from = start_from
         self.reset()
+
+    def bind(self, monitor: str | None, mode: str | None) -> None:
+        """Takes the metric and mode of a :class:`~ckpt.CheckpointManager`.
+
+        The monitor the caller gave wins; without one, this monitors
+        ``monitor``. The mode the caller gave must agree with ``mode`` when
+        both are about the same metric; without one, the manager's is taken
+        for its own metric, and a metric of its own needs one.
+
+        Raises:
+            ValueError: no metric at all, a contradicting mode, or another
+                metric than the manager's without a mode.
+        """
+        chosen = self.given_monitor if self.given_monitor is not None else monitor
+        if chosen is None:
+            raise ValueError("early stopping needs a metric: pass monitor=... to the manager")
+        if chosen == monitor:
+            if self.given_mode is not None and mode is not None and self.given_mode != mode:
+                raise ValueError(
+                    f"monitor {monitor!r} has mode {mode!r} in the manager but"
+                    f" {self.given_mode!r} in EarlyStopping; make them agree"
+                )
+            resolved = self.given_mode or mode or "min"
+        elif self.given_mode is None:
+            raise ValueError(
+                f"EarlyStopping(monitor={chosen!r}) needs mode='min' or mode='max': it is not"
+                f" the manager's monitor ({monitor!r}), whose mode it would inherit"
+            )
+        else:
+            resolved = self.given_mode
+        self.monitor, self.mode = chosen, resolved
 
     def reset(self) -> None:
         """Forgets every evaluation (a fresh run)."""
@@ -152,20 +194,19 @@ class EarlyStopping:
             return Decision(stop=True, improved=False, reason=self.reason)
         value = float(value)
         self.evaluations += 1
+        if self.evaluations <= self.start_from:
+            return Decision(stop=False, improved=False)  # warm-up: ignored entirely
         name = self.monitor or "the monitored metric"
         finite = math.isfinite(value)
         improved = finite and (self.best is None or self._better(value, self.best, self.min_delta))
-        warmup = self.evaluations <= self.start_from
         if improved:
             self.best, self.best_step = value, step
             if self.baseline is None or self._better(value, self.baseline):
                 self.wait = 0
-            elif not warmup:
+            else:
                 self.wait += 1
-        elif not warmup:
+        else:
             self.wait += 1
-        if warmup:
-            return Decision(stop=False, improved=improved)
 
         reason: str | None = None
         if self.check_finite and not finite:

@@ -27,6 +27,7 @@ import fcntl
 import fnmatch
 import functools
 import json
+import logging
 import os
 import pickle
 import socket
@@ -34,13 +35,13 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from . import _core
+from . import _core, refs
 from .errors import (
     CheckpointError,
     FormatError,
@@ -48,9 +49,11 @@ from .errors import (
     StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
+    StoreReadOnlyError,
     UnsafeLoadError,
     VersionNotFoundError,
 )
+from .history import HistoryEntry, append_history, read_history
 from .index import (
     MANIFEST_VERSION,
     MANIFEST_VERSION_PLAIN,
@@ -83,6 +86,8 @@ __all__ = [
     "VerifyResult",
     "VersionPinnedError",
 ]
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = "ckpt-store"
 STORE_VERSION = 1
@@ -131,6 +136,10 @@ def chunk_table(
         if base is not None:
             row.append(index[base])
     return rows
+
+
+#: ``Store.save(check=...)``: (newest committed id, listing of the committed versions).
+SaveCheck = Callable[[int | None, Callable[[], list[Version]]], object]
 
 
 class VersionPinnedError(CheckpointError):
@@ -204,8 +213,13 @@ class Store:
     """A versioned checkpoint store on a local directory.
 
     Args:
-        root: the store directory; created (with its layout) if missing.
-        create: when False, a missing store is an error instead.
+        root: the store directory. A missing store is created by the first
+            write (``save``, ``pin``, ...), not by opening it: a Store opened
+            on a mistyped path for reading lists no versions and leaves
+            nothing behind.
+        create: when False, a missing store is an error at once
+            (:class:`~ckpt.errors.StoreNotFoundError`), as the ``ckpt``
+            command's read commands do.
         chunk_size: raw bytes per chunk of large tensors. None: the value
             recorded when the store was created (so that later versions cut
             tensors the same way and deduplicate), else 8 MiB.
@@ -276,15 +290,10 @@ class Store:
         self._lock_depth = 0
         self._lock_fd: int | None = None
         self._unclean = False
-        recorded = self._open(create, chunk_size, small_threshold)
-        self.chunk_size = int(chunk_size or recorded.get("chunk_size") or DEFAULT_CHUNK_SIZE)
-        self.small_threshold = min(
-            int(small_threshold or recorded.get("small_threshold") or DEFAULT_SMALL_THRESHOLD),
-            self.chunk_size,
-        )
-        # the rule this store's chunks were planned with: another one would
-        # still read back, but would not deduplicate against them
-        self.size_classes = recorded.get("packing", "width") != "width"
+        self._read_only = False
+        self._exists = True
+        self._given = (chunk_size, small_threshold)
+        self._apply_marker(self._open(create, chunk_size, small_threshold))
         self._cache = ListingCache(self.root)
         self._chunk_maps: dict[int, dict[str, int]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -309,25 +318,14 @@ class Store:
                     f"{self.root} is a non-empty directory that is not a ckpt store;"
                     " choose an empty or new directory"
                 )
-            made = not os.path.isdir(self.root)
-            os.makedirs(self.root, exist_ok=True)
-            for d in LAYOUT:
-                os.makedirs(self._p(d), exist_ok=True)
-            self._check_layout()
-            info = {
-                "format": STORE_FORMAT,
-                "version": STORE_VERSION,
-                "created": _now_text(),
+            if os.path.lexists(self.root) and not os.path.isdir(self.root):
+                raise FormatError(f"{self.root} is a file, not a ckpt store; choose a directory")
+            self._exists = False  # created by the first write (_create)
+            return {
                 "chunk_size": int(chunk_size or DEFAULT_CHUNK_SIZE),
                 "small_threshold": int(small_threshold or DEFAULT_SMALL_THRESHOLD),
                 "packing": PACKING,
             }
-            # The layout's entries and the marker become durable with the root;
-            # a new root also needs its own entry in its parent fsynced.
-            self._commit("", "ckpt-store.json", json.dumps(info, indent=1).encode() + b"\n")
-            if made:
-                self._fsync_dir(os.path.dirname(os.path.abspath(self.root)))
-            return info
         try:
             data = read_regular_file(marker, 1 << 16)
             if data is None:
@@ -358,6 +356,85 @@ class Store:
         if not isinstance(info.get("packing", ""), str):
             raise FormatError(f"{marker}: packing must be a string")
         return info
+
+    def _apply_marker(self, recorded: dict[str, Any]) -> None:
+        """Takes the chunking the store records, where the caller did not choose one."""
+        chunk_size, small_threshold = self._given
+        self.chunk_size = int(chunk_size or recorded.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+        self.small_threshold = min(
+            int(small_threshold or recorded.get("small_threshold") or DEFAULT_SMALL_THRESHOLD),
+            self.chunk_size,
+        )
+        # the rule this store's chunks were planned with: another one would
+        # still read back, but would not deduplicate against them
+        self.size_classes = recorded.get("packing", "width") != "width"
+
+    def _create(self) -> None:
+        """Makes the layout and the marker of a new store (the first write does it)."""
+        if os.path.lexists(self._p("ckpt-store.json")):  # another process made it meanwhile
+            self._apply_marker(self._open(False, None, None))
+            self._exists = True
+            return
+        if os.path.isdir(self.root) and not _is_blank(self.root):
+            raise FormatError(
+                f"{self.root} is a non-empty directory that is not a ckpt store;"
+                " choose an empty or new directory"
+            )
+        made = not os.path.isdir(self.root)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            for d in LAYOUT:
+                os.makedirs(self._p(d), exist_ok=True)
+        except OSError as exc:
+            raise self._read_only_error(exc) from None
+        self._check_layout()
+        info = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "created": _now_text(),
+            "chunk_size": self.chunk_size,
+            "small_threshold": self.small_threshold,
+            "packing": PACKING,
+        }
+        # The layout's entries and the marker become durable with the root;
+        # a new root also needs its own entry in its parent fsynced.
+        self._commit("", "ckpt-store.json", json.dumps(info, indent=1).encode() + b"\n")
+        if made:
+            self._fsync_dir(os.path.dirname(os.path.abspath(self.root)))
+        self._exists = True
+
+    def create(self) -> Store:
+        """Makes the store on disk now (otherwise its first write does); returns self.
+
+        Raises:
+            FormatError: ``root`` is a non-empty directory that is not a store.
+            StoreReadOnlyError: the file system refuses the write.
+        """
+        with self._thread_lock:
+            if not self.exists:
+                self._create()
+        return self
+
+    @property
+    def exists(self) -> bool:
+        """True once the store is on disk (a new one is made by its first write)."""
+        if not self._exists and os.path.lexists(self._p("ckpt-store.json")):
+            self._apply_marker(self._open(False, None, None))  # made by another process since
+            self._exists = True
+        return self._exists
+
+    def _read_only_error(self, exc: OSError) -> OSError:
+        """A write refused by the file system, as a StoreReadOnlyError when that is what it is."""
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return exc
+        self._read_only = True
+        return StoreReadOnlyError(
+            exc.errno,
+            f"store {self.root} is read-only ({exc.strerror}: {exc.filename}): it can be"
+            " listed, loaded and verified, not written. Save to a writable store, or copy"
+            " this one (cp -r) to write to it.",
+            exc.filename,
+        )
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -405,6 +482,8 @@ class Store:
         """
         with self._thread_lock:
             if self._lock_depth == 0:
+                if not self.exists:
+                    self._create()
                 self._acquire_flock()
                 self._unclean = False
             self._lock_depth += 1
@@ -423,7 +502,10 @@ class Store:
 
     def _acquire_flock(self) -> None:
         path = self._p("lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise self._read_only_error(exc) from None
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.005
         while True:
@@ -454,6 +536,7 @@ class Store:
             if previous.strip():
                 self._cache.forget()  # it may have committed without a trace in the cache
                 self._recover()
+                self._sweep_orphans(previous.decode(errors="replace").strip())
             self._sweep_tmp()
         except BaseException:
             self._release_flock(clean=False)
@@ -484,6 +567,28 @@ class Store:
         for path in [*prefixes, self._p("objects"), self._p("versions"), self._p("pins")]:
             self._fsync_dir(path)
         self._fsync_dir(self.root)
+
+    def _sweep_orphans(self, holder: str) -> None:
+        """After a writer that did not finish: delete the chunks its save left.
+
+        A save interrupted after some of its chunks were renamed into
+        ``objects/`` (Ctrl-C, SIGKILL, a full disk) leaves them unreferenced:
+        hundreds of MiB for a large model. Under the writer lock no other save
+        is in flight (every write of ``objects/`` happens under it), so every
+        chunk that no committed manifest references is such debris, and goes
+        as :meth:`gc` would delete it. A manifest that cannot be read may
+        reference chunks: then nothing is deleted (``ckpt verify`` tells).
+        """
+        try:
+            result = self._collect()
+        except FormatError as exc:
+            log.warning("%s: not sweeping after %s: %s", self.root, holder, exc)
+            return
+        if result.deleted_objects:
+            log.info(
+                "%s: removed %d chunks (%d bytes) left by an interrupted writer (%s)",
+                self.root, result.deleted_objects, result.freed_bytes, holder,
+            )  # fmt: skip
 
     def _sweep_tmp(self) -> None:
         """Removes debris of dead writers (only called under the writer lock).
@@ -520,6 +625,8 @@ class Store:
         blocking: Literal[True] = ...,
         copy: bool = ...,
         then: Callable[[Version], object] | None = ...,
+        check: SaveCheck | None = ...,
+        history: Sequence[Mapping[str, Any]] = ...,
     ) -> Version: ...
 
     @overload
@@ -536,6 +643,8 @@ class Store:
         blocking: Literal[False],
         copy: bool = ...,
         then: Callable[[Version], object] | None = ...,
+        check: SaveCheck | None = ...,
+        history: Sequence[Mapping[str, Any]] = ...,
     ) -> SaveHandle: ...
 
     def save(
@@ -551,6 +660,8 @@ class Store:
         blocking: bool = True,
         copy: bool = True,
         then: Callable[[Version], object] | None = None,
+        check: SaveCheck | None = None,
+        history: Sequence[Mapping[str, Any]] = (),
     ) -> Version | SaveHandle:
         """Saves ``tree`` as a new version.
 
@@ -585,6 +696,15 @@ class Store:
             copy: with ``blocking=False``, copy the leaves first (default).
             then: called with the new Version after the commit, on the thread
                 that committed it (the manager applies retention there).
+            check: called under the writer lock before anything is written,
+                with the id of the newest committed version (None: empty
+                store) and a function that lists the committed versions; an
+                exception it raises aborts the save with nothing written
+                (the manager refuses stale steps and concurrent runs there).
+            history: earlier entries for the store's metric history (dicts
+                with ``step``, ``epoch``, ``metrics``, ``time``), appended
+                with this save's own entry after the commit (see
+                :mod:`ckpt.history`).
 
         Raises:
             TypeError: a leaf, key, metric or meta value cannot be stored (the
@@ -630,7 +750,7 @@ class Store:
             )
         job = functools.partial(
             self._write_version, started, leaves, names, arrays, skeleton,
-            step, epoch, enc_metrics, meta, trainer,
+            step, epoch, enc_metrics, meta, trainer, check, list(history),
         )  # fmt: skip
         if blocking:
             version = job()
@@ -651,6 +771,8 @@ class Store:
         enc_metrics: dict[str, Any],
         meta: dict[str, Any],
         trainer: dict[str, Any],
+        check: SaveCheck | None,
+        history: list[Mapping[str, Any]],
     ) -> Version:
         """Writes the chunks and commits the manifest, under the writer lock."""
         from .adapters import numpy as npa
@@ -659,6 +781,8 @@ class Store:
         groups = [npa.group_width(n) for n in names]
         with self._writer(), self._full_store_errors():
             new_id, parent = self._cache.next_id(self._deleted_high_water())
+            if check is not None:
+                check(parent, self.versions)
             bases = self._parent_chunks(parent, leaves, names, arrays)
             chunks, spans, deps = _core.save_chunks(
                 self.root,
@@ -723,7 +847,30 @@ class Store:
             version = Version.from_summary(manifest)
             self._cache.append(version)
             self._cache.remember(new_id)  # the newest id now (nothing is newer: see next_id)
+            own = {
+                "step": step,
+                "epoch": epoch,
+                "metrics": enc_metrics,
+                "time": manifest["created"],
+            }
+            try:
+                append_history(self.root, [*history, {**own, "version": new_id}], self.durable)
+            except OSError as exc:  # the version is committed: a lost history line is no failure
+                log.warning("%s: metric history not written: %s", self.root, exc)
         return version
+
+    def history(self) -> list[HistoryEntry]:
+        """The metric history: one entry per save, also of versions retention deleted,
+        and of the steps a :class:`~ckpt.CheckpointManager` evaluated without
+        writing a version (in the order recorded; see :mod:`ckpt.history`)."""
+        return read_history(self.root) if self.exists else []
+
+    def append_history(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Appends entries (dicts with ``step``, ``epoch``, ``metrics``, ``time``) to
+        the metric history, under the writer lock, without a version."""
+        if records:
+            with self._writer():
+                append_history(self.root, [{**r, "version": None} for r in records], self.durable)
 
     def _parent_chunks(
         self,
@@ -868,13 +1015,22 @@ class Store:
     # ---------------------------------------------------------------- listing
     def versions(self) -> list[Version]:
         """Every committed version, ascending by id (served from the listing cache)."""
+        if not self.exists:
+            return []
         result, dirty = self._listing()
-        if dirty and self._lock_fd is None:
+        if dirty and self._lock_fd is None and self._writable():
             # Refresh the derived cache when the lock is free right now; the
             # listing is recomputed under the lock so no concurrent append is lost.
             with contextlib.suppress(StoreLockedError, OSError), self._try_writer():
                 self._cache.rewrite(self._listing()[0])
         return result
+
+    def _writable(self) -> bool:
+        """False for a store this process cannot write (read-only mount, permissions):
+        reads then leave the derived cache as it is rather than try to lock."""
+        if self._read_only or not os.access(self.root, os.W_OK):
+            self._read_only = True
+        return not self._read_only
 
     def _listing(self) -> tuple[list[Version], bool]:
         """The versions now committed, and whether the cache disagreed with them."""
@@ -917,71 +1073,62 @@ class Store:
         vs = self.versions()
         return vs[-1] if vs else None
 
-    def best(self, metric: str, mode: str = "min") -> Version | None:
+    def best(self, metric: str | None = None, mode: str | None = None) -> Version | None:
         """The version with the best value of ``metric``.
 
-        Versions without the metric, or with a NaN value, are ignored; ties go
-        to the earliest version.
+        ``metric`` defaults to the monitor the manager recorded, and ``mode``
+        to the recorded mode when ``metric`` is that monitor; for any other
+        metric ``mode`` must be given (lower or higher is not guessed).
+        Versions without the metric, or with a NaN value, are ignored; ties
+        go to the earliest version.
+
+        Returns:
+            The best version, or None when no version has the metric (or no
+            metric is given and none is recorded).
 
         Raises:
             ValueError: ``mode`` is not "min" or "max".
+            MetricModeError: ``metric`` is not the recorded monitor and no ``mode`` is given.
         """
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        return best_of(self.versions(), metric, mode)
+        versions = self.versions()
+        monitor = refs.choose_monitor(
+            metric,
+            mode,
+            refs.recorded_monitor(versions[-1] if versions else None),
+            hint="pass mode='min' or mode='max'",
+        )
+        if monitor.metric is None or monitor.mode is None:
+            return None
+        return best_of(versions, monitor.metric, monitor.mode)
 
     def resolve(self, ref: int | Version | str | None) -> int:
-        """The id of a version given as an id, a Version, or a string.
+        """The id of a version given as an id, a Version, or a reference string.
 
-        Strings: ``"42"``, ``"latest"``, ``"step=N"`` (the newest version at
-        that step), ``"best"`` (by the monitor and mode the manager recorded),
-        ``"best:METRIC"`` or ``"best:METRIC:max"``.
+        The grammar is :mod:`ckpt.refs`'s, shared with the ``ckpt`` command:
+        ``"42"``, ``"latest"``, ``"step=N"`` (the newest version at that
+        step), ``"best"`` (by the monitor and mode the manager recorded),
+        ``"best:METRIC"`` (the recorded mode if METRIC is the recorded
+        monitor, else an error that asks for one) and ``"best:METRIC:min|max"``.
 
         Raises:
-            VersionNotFoundError: no such version, or a reference that means nothing.
+            VersionNotFoundError: no such version (for an id that is some
+                version's step, the message suggests ``step=N``).
+            BadReferenceError: a reference of none of the accepted forms.
+            MetricModeError: ``best:METRIC`` for a metric whose mode is not recorded.
         """
-        if ref is None or ref == "latest":
-            v = self.latest()
-            if v is None:
-                raise VersionNotFoundError(f"{self.root} has no versions yet")
-            return v.id
         if isinstance(ref, Version):
             return ref.id
-        if isinstance(ref, str):
-            if ref.isascii() and ref.isdigit():
-                return self.resolve(int(ref))
-            if ref.startswith("step="):
-                text = ref[5:]
-                if not (text.isascii() and text.isdigit()):
-                    raise VersionNotFoundError(f"{ref!r}: the step must be a non-negative integer")
-                step = int(text)
-                matches = [v for v in self.versions() if v.step == step]
-                if not matches:
-                    raise VersionNotFoundError(f"{self.root} has no version at step {step}")
-                return matches[-1].id
-            if ref == "best" or ref.startswith("best:"):
-                parts = ref.split(":")
-                _, monitor, mode = self.policy()
-                if len(parts) > 1:
-                    monitor, mode = parts[1], parts[2] if len(parts) > 2 else "min"
-                if not monitor or mode not in ("min", "max") or len(parts) > 3:
-                    raise VersionNotFoundError(
-                        f"{ref!r}: no monitored metric recorded; say best:METRIC or best:METRIC:max"
-                    )
-                best = self.best(monitor, mode)
-                if best is None:
-                    raise VersionNotFoundError(
-                        f"no version in {self.root} has the metric {monitor!r}"
-                    )
-                return best.id
+        parsed = refs.parse_ref(ref)
+        if not self.exists:
             raise VersionNotFoundError(
-                f"unknown version reference {ref!r}; use an id, latest, best, best:METRIC or step=N"
+                f"{self.root} has no versions: there is no store there (check the path)"
             )
-        if isinstance(ref, bool) or not isinstance(ref, int):
-            raise TypeError(f"a version is an int id, a Version or a str, not {type(ref).__name__}")
-        if not os.path.exists(self._p("versions", manifest_name(ref))):
-            raise VersionNotFoundError(f"version {ref} is not in {self.root}")
-        return ref
+        if parsed.kind == "id":
+            # the common case, without a listing: is the manifest there?
+            assert parsed.number is not None
+            if os.path.exists(self._p("versions", manifest_name(parsed.number))):
+                return parsed.number
+        return refs.resolve(self.versions(), parsed, root=self.root).id
 
     def manifest(self, ref: int | Version | str | None = None) -> dict[str, Any]:
         """The validated manifest of a version, as a dict.
@@ -1232,7 +1379,10 @@ class Store:
         Returns:
             One :class:`VerifyResult` per version, ascending by id.
         """
-        ids = sorted(self._cache.committed_ids()) if version is None else [self.resolve(version)]
+        if version is None:
+            ids = sorted(self._cache.committed_ids()) if self.exists else []
+        else:
+            ids = [self.resolve(version)]
         manifests: dict[int, dict[str, Any] | FormatError] = {}
         chunk_set: dict[str, int] = {}
         for vid in ids:
@@ -1287,7 +1437,9 @@ class Store:
     # ------------------------------------------------------ deleting and pins
     def pinned(self) -> set[int]:
         """Ids of pinned versions (GC roots that delete and retention never remove)."""
-        out = set()
+        out: set[int] = set()
+        if not self.exists:
+            return out
         with contextlib.suppress(FileNotFoundError), os.scandir(self._p("pins")) as it:
             for entry in it:
                 vid = version_id_of(entry.name)
@@ -1351,21 +1503,27 @@ class Store:
             FormatError: a manifest is unreadable; fix or delete it first.
         """
         with self._writer():
-            referenced: set[str] = set()
-            for vid in sorted(self._cache.committed_ids()):
-                try:
-                    m = self.manifest(vid)
-                except FormatError as exc:
-                    raise FormatError(
-                        f"gc stopped before deleting anything: {exc}; a damaged manifest may"
-                        " reference chunks (delete or repair that version first)"
-                    ) from None
-                referenced.update(c[0] for c in m["chunks"])
-            objects = _core.list_objects(self.root)
-            garbage = [oid for oid, _ in objects if oid not in referenced]
-            missing = tuple(sorted(referenced - {oid for oid, _ in objects}))
-            freed = _core.delete_objects(self.root, garbage, durable=self.durable) if garbage else 0
-            return GcResult(len(garbage), freed, len(objects) - len(garbage), missing)
+            return self._collect()
+
+    def _collect(self) -> GcResult:
+        """:meth:`gc`'s work (the caller holds the writer lock)."""
+        referenced: set[str] = set()
+        for vid in sorted(self._cache.committed_ids()):
+            try:
+                m = self.manifest(vid)
+            except FormatError as exc:
+                raise FormatError(
+                    f"gc stopped before deleting anything: {exc}; a damaged manifest may"
+                    " reference chunks (delete or repair that version first)"
+                ) from None
+            except VersionNotFoundError:
+                continue  # deleted since the listing
+            referenced.update(c[0] for c in m["chunks"])
+        objects = _core.list_objects(self.root)
+        garbage = [oid for oid, _ in objects if oid not in referenced]
+        missing = tuple(sorted(referenced - {oid for oid, _ in objects}))
+        freed = _core.delete_objects(self.root, garbage, durable=self.durable) if garbage else 0
+        return GcResult(len(garbage), freed, len(objects) - len(garbage), missing)
 
     # --------------------------------------------------------------- retention
     def chunk_map(self, version: int | Version | str) -> dict[str, int]:
@@ -1456,6 +1614,8 @@ class Store:
 
     def stored_bytes(self) -> int:
         """Bytes of every chunk object in the store (what the store occupies)."""
+        if not self.exists:
+            return 0
         return sum(n for _, n in _core.list_objects(self.root))
 
 

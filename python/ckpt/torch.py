@@ -105,7 +105,7 @@ def capture(
 
 
 def apply(
-    state: dict[str, Any],
+    state: dict[str, Any] | None,
     *,
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -116,9 +116,15 @@ def apply(
 ) -> None:
     """Loads a state made by :func:`capture` into the given objects.
 
+    ``state=None`` (what ``mgr.restore_latest()`` returns on an empty store:
+    a fresh run) restores nothing and leaves every object as it is, so
+    ``apply(mgr.restore_latest(), model=...)`` works on the first run too.
+
     Raises:
         KeyError: an object was given but the state has no entry for it.
     """
+    if state is None:
+        return
     for name, obj in (
         ("model", model),
         ("optimizer", optimizer),

@@ -5,12 +5,15 @@ Needs matplotlib, an optional dependency (the ``plot`` extra:
 line saying so. It draws with matplotlib's object API on an Agg canvas, so
 it never touches pyplot's global state or needs a display.
 
-What is drawn: the metric of every saved version that has a finite value,
-against its step (against the version id when no version has a step), a
-dot per saved version; the best version (``--metric``/``--mode``, else the
-recorded monitor) as a star with its value; and, when the latest version's
-trainer state says early stopping fired (``trainer.early_stopping.
-stopped_step``), a vertical line at that step with the reason. The output
+What is drawn: the metric of every save the store's metric history holds
+(:meth:`ckpt.Store.history`: also the versions retention deleted since, and
+the steps a manager evaluated without writing a version), against its step,
+as a line; a dot on each version the store still has; for a store without a
+history (written before it existed) the versions alone, against their step
+(against the version id when no version has a step); the best version
+(``--metric``/``--mode``, else the recorded monitor) as a star with its
+value; and, when the latest version's trainer state says an early stopping
+fired (its ``stopped_step``), a vertical line at that step with the reason. The output
 file is overwritten (a plot is cheap to redo).
 """
 
@@ -73,7 +76,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
         raise CliError("which metric? the store records no monitor; pass --metric NAME", EXIT_USAGE)
     metric = monitor.metric
     have = [v for v in versions if metric in v.metrics and math.isfinite(float(v.metrics[metric]))]
-    if not have:
+    curve: dict[int, float] = {}  # step -> value, the last recorded one for a step
+    for entry in store.history():
+        value = entry.metrics.get(metric)
+        if entry.step is not None and value is not None and math.isfinite(float(value)):
+            curve[entry.step] = float(value)
+    if not have and not curve:
         raise CliError(f"no version of {store.root} has a finite value of {metric!r}")
     by_step = all(v.step is not None for v in have)
 
@@ -81,17 +89,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return int(v.step) if by_step else int(v.id)
 
     best = best_version(versions, monitor)
-    es = latest.trainer.get("early_stopping") if latest is not None else None
-    stopped = es.get("stopped_step") if isinstance(es, dict) else None
-    reason = es.get("reason") if isinstance(es, dict) else None
+    recorded = latest.trainer.get("early_stopping") if latest is not None else None
+    states = recorded if isinstance(recorded, list) else [recorded]
+    es = next(
+        (st for st in states if isinstance(st, dict) and st.get("stopped_step") is not None), None
+    )
+    stopped = es.get("stopped_step") if es is not None else None
+    reason = es.get("reason") if es is not None else None
     figure_cls, canvas_cls = _matplotlib()
     fig = figure_cls(figsize=(8, 4.5), dpi=100)
     canvas_cls(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = [x_of(v) for v in have]
     ys = [float(v.metrics[metric]) for v in have]
-    ax.plot(xs, ys, "-", color="tab:blue", linewidth=1.2, zorder=1)
-    ax.scatter(xs, ys, s=18, color="tab:blue", zorder=2, label="saved versions")
+    if curve and by_step:
+        steps = sorted(curve)
+        ax.plot(steps, [curve[x] for x in steps], "-", color="tab:blue", linewidth=1.2, zorder=1)
+    else:
+        ax.plot(xs, ys, "-", color="tab:blue", linewidth=1.2, zorder=1)
+    ax.scatter(xs, ys, s=18, color="tab:blue", zorder=2, label="versions in the store")
     if best is not None and best in have:
         bx, by = x_of(best), float(best.metrics[metric])
         ax.scatter(
@@ -126,7 +142,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 "out": args.out,
                 "metric": metric,
                 "mode": monitor.mode,
-                "points": len(have),
+                "points": len(curve) if curve and by_step else len(have),
+                "versions": len(have),
                 "best": None if best is None else best.id,
                 "stopped_step": stopped,
                 "stop_reason": reason,
@@ -135,5 +152,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         extra = f", early stop at step {stopped}" if isinstance(stopped, int) else ""
         best_text = f", best v{best.id}" if best is not None else ""
-        print(f"wrote {args.out}: {metric} over {len(have)} versions{best_text}{extra}")
+        if curve and by_step:
+            what = f"{len(curve)} steps ({len(have)} versions kept)"
+        else:
+            what = f"{len(have)} versions"
+        print(f"wrote {args.out}: {metric} over {what}{best_text}{extra}")
     return EXIT_OK
