@@ -353,6 +353,7 @@ class CheckpointManager:
             force
             or stop
             or self._last_save_step is None
+            or step < self._last_save_step  # overwrite=True: going back is a new start
             or (self.save_every is not None and step - self._last_save_step >= self.save_every)
             or (
                 self.save_every_seconds is not None
