@@ -466,12 +466,106 @@ def test_du_numbers(kept_store: ckpt.Store, capsys: pytest.CaptureFixture[str]) 
 
 
 # ------------------------------------------------------------------- errors
-def test_missing_store(tmp_path: Path) -> None:
-    for cmd in (["ls"], ["show", "latest"], ["verify"], ["du"], ["gc", "--dry-run"]):
-        args = [cmd[0], str(tmp_path / "nope"), *cmd[1:]]
-        r = ckpt_run(*args)
-        assert r.returncode == 1, args
-        assert_one_line_error(r.stderr, "nope", "is not a ckpt store")
+#: Every command that opens an existing store (all but import), with its other arguments.
+STORE_COMMANDS = (
+    ("ls",),
+    ("show", "latest"),
+    ("best", "--metric", "val_loss"),
+    ("du",),
+    ("restore", "latest", "--out", "out.npz"),
+    ("export", "latest", "out.safetensors"),
+    ("verify",),
+    ("diff", "1", "2"),
+    ("plot", "--metric", "val_loss", "--out", "out.png"),
+    ("gc", "--dry-run"),
+    ("gc", "--keep-last", "1", "--yes"),
+    ("pin", "1"),
+    ("unpin", "1"),
+)
+
+
+def test_store_commands_cover_every_command_but_import() -> None:
+    assert {c[0] for c in STORE_COMMANDS} == set(COMMANDS) - {"import"}
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, None for a directory."""
+    return {
+        str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("cmd", STORE_COMMANDS, ids=" ".join)
+def test_a_typo_path_is_refused_and_nothing_is_created(
+    tmp_path: Path, cmd: tuple[str, ...]
+) -> None:
+    r = ckpt_run(cmd[0], "runs/exp9", *cmd[1:], cwd=tmp_path)
+    assert r.returncode == 1, r
+    assert r.stdout == ""
+    assert_one_line_error(
+        r.stderr, "ckpt: error: runs/exp9 is not a ckpt store (no such directory); check the path"
+    )
+    assert list(tmp_path.iterdir()) == []  # no store, no runs/, no output file
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [
+        ("empty", "an empty directory"),
+        ("file", "a file, not a directory"),
+        ("other files", "no ckpt-store.json in it"),
+    ],
+)
+@pytest.mark.parametrize("cmd", STORE_COMMANDS, ids=" ".join)
+def test_a_path_that_is_not_a_store_is_refused_and_left_alone(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cmd: tuple[str, ...],
+    kind: str,
+    what: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "runs" / "exp9"
+    if kind == "file":
+        path.parent.mkdir()
+        path.write_text("not a store\n")
+    else:
+        path.mkdir(parents=True)
+        if kind == "other files":
+            (path / "notes.txt").write_text("hello\n")
+    before = _snapshot(tmp_path)
+    code, out, err = ckpt_main(capsys, cmd[0], "runs/exp9", *cmd[1:])
+    assert code == 1 and out == ""
+    assert_one_line_error(
+        err, f"ckpt: error: runs/exp9 is not a ckpt store ({what}); check the path"
+    )
+    assert _snapshot(tmp_path) == before
+
+
+def test_import_says_it_created_the_store(tmp_path: Path) -> None:
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "in.safetensors"
+    st_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src))
+    r = ckpt_run("import", "runs/new", src, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "created store runs/new\n"
+    assert (tmp_path / "runs" / "new" / "ckpt-store.json").is_file()
+    r = ckpt_run("import", "runs/new", src, cwd=tmp_path)  # now it exists: nothing to say
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_import_refuses_a_plain_file_as_the_store(tmp_path: Path) -> None:
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "in.safetensors"
+    st_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src))
+    (tmp_path / "notes").write_text("hello\n")
+    before = _snapshot(tmp_path)
+    r = ckpt_run("import", "notes", src, cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "notes is a file, not a store")
+    assert _snapshot(tmp_path) == before
 
 
 def test_newer_store_format(run_store: ckpt.Store) -> None:
