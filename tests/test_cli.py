@@ -311,6 +311,98 @@ def test_ls_fits_80_columns_with_long_names(
         assert len(out.splitlines()) == 4
 
 
+LONG_METRIC = "validation/" + "very_long_metric_name_" * 5 + "loss"
+LONG_LEAF = "block_with_a_long_name_" * 5 + "weight"
+LONG_TENSOR = f"encoder/{LONG_LEAF}"
+LONG_NOTE = "a note of many words " * 12 + "END"
+
+
+def _wide_store(root: Path) -> ckpt.Store:
+    store = ckpt.Store(root, durable=False)
+    for i in range(2):
+        store.save(
+            {"encoder": {LONG_LEAF: np.ones(16, np.float32) * i}},
+            step=10**9 + i,
+            metrics={LONG_METRIC: 0.125 + i, "acc": 0.5},
+            meta={"note": LONG_NOTE},
+        )
+    return store
+
+
+def _piped(*args: object, columns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """ckpt with stdout a pipe and ``COLUMNS`` unset (or set to ``columns``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def test_piped_output_is_never_cut(tmp_path: Path) -> None:
+    store = _wide_store(tmp_path / "wide")
+    r = _piped("ls", store.root)  # no monitor: every metric, in one flexible column
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "metrics" in header.split()
+    assert f"{LONG_METRIC}=1.125 acc=0.5" in rows[1]
+    assert rows[1].endswith("latest") and len(rows[1]) > 150
+    r = _piped("show", store.root, "latest")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.split() == ["metrics", f"{LONG_METRIC}=1.125", "acc=0.5"] for line in lines)
+    note = next(line for line in lines if line.lstrip().startswith("meta "))
+    assert note.endswith(f'"note": "{LONG_NOTE}"}}'), note  # the whole value, on one line
+    row = next(line for line in lines if line.startswith("encoder/"))
+    assert row.split()[:3] == [LONG_TENSOR, "F32", "16"]
+    # an explicit COLUMNS is still honoured in a pipe
+    r = _piped("ls", store.root, columns="80")
+    assert r.returncode == 0 and LONG_METRIC not in r.stdout
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+
+
+def test_a_terminal_gets_tables_that_fit_it(tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    store = _wide_store(tmp_path / "wide")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 70, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt.cli", "ls", store.root],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None and proc.stderr.read() == b""
+    proc.stderr.close()
+    lines = seen.decode().replace("\r\n", "\n").splitlines()
+    assert len(lines) == 3 and LONG_METRIC not in seen.decode()
+    assert all(len(line) <= 70 for line in lines), lines
+    assert max(len(line) for line in lines) > 40  # fitted to 70, not to a fallback of 40
+
+
 def test_ls_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ckpt.Store(tmp_path / "empty")
     code, out, _ = ckpt_main(capsys, "ls", store.root)
@@ -343,8 +435,9 @@ def test_show_json_tensors_and_trainer_state(
 
 
 def test_show_human_and_tensor_glob(
-    run_store: ckpt.Store, capsys: pytest.CaptureFixture[str]
+    run_store: ckpt.Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # fitted like a terminal of 80 columns
     code, out, _ = ckpt_main(capsys, "show", run_store.root, "best", "--tensors", "model/*")
     assert code == 0
     assert out.startswith("version 4 (best by val_loss (min))")
