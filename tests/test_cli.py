@@ -555,7 +555,7 @@ def test_du_numbers(kept_store: ckpt.Store, capsys: pytest.CaptureFixture[str]) 
     assert data["compression_ratio"] > 1  # arange compresses
     code, out, _ = ckpt_main(capsys, "du", kept_store.root)
     assert code == 0 and "dedup saves" in out and "compression saves" in out
-    assert "unreferenced: ckpt gc frees it" in out
+    assert f"unreferenced: ckpt gc {kept_store.root} frees it" in out
 
 
 # ------------------------------------------------------------------- errors
@@ -696,9 +696,39 @@ def test_damaged_chunk(run_store: ckpt.Store, tmp_path: Path) -> None:
     obj.write_bytes(bytes(data))
     r = ckpt_run("restore", run_store.root, "6", "--out", tmp_path / "x.npz")
     assert r.returncode == 1
-    assert_one_line_error(r.stderr, "store is damaged", "version 6", cid[:16], "ckpt verify")
+    assert_one_line_error(
+        r.stderr, "store is damaged", "version 6", cid[:16], f"; run ckpt verify {run_store.root}"
+    )
     assert not (tmp_path / "x.npz").exists()
     assert not list(tmp_path.glob(".x.npz*"))
+
+
+def test_hints_name_the_store_as_typed_and_shell_quoted(tmp_path: Path) -> None:
+    store = ckpt.Store(tmp_path / "my runs" / "exp1", durable=False)
+    store.save({"w": np.arange(64 * 1024, dtype=np.float32)}, step=1)
+    typed = "my runs/exp1"
+    r = ckpt_run("show", typed, "9", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "version 9", "(ckpt ls 'my runs/exp1' lists the versions)")
+    cid = store.manifest(1)["chunks"][0][0]
+    obj = Path(store.root, "objects", cid[:2], cid[2:])
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(data))
+    r = ckpt_run("restore", typed, "latest", "--out", "x.npz", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "store is damaged", "; run ckpt verify 'my runs/exp1'")
+    obj.unlink()
+    r = ckpt_run("restore", typed, "latest", "--out", "x.npz", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "a chunk is missing", "; run ckpt verify 'my runs/exp1'")
+    Path(store.root, "objects", "ab", "c" * 62).parent.mkdir(exist_ok=True)
+    Path(store.root, "objects", "ab", "c" * 62).write_bytes(b"debris")
+    r = ckpt_run("du", typed, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "unreferenced: ckpt gc 'my runs/exp1' frees it" in r.stdout
+    assert "STORE" not in r.stdout
 
 
 def test_permission_denied_real(run_store: ckpt.Store) -> None:
