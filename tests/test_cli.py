@@ -566,6 +566,7 @@ STORE_COMMANDS = (
     ("best", "--metric", "val_loss"),
     ("du",),
     ("restore", "latest", "--out", "out.npz"),
+    ("restore", "latest", "--out", "out.safetensors", "--state-dict"),
     ("export", "latest", "out.safetensors"),
     ("verify",),
     ("diff", "1", "2"),
