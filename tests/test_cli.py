@@ -317,6 +317,98 @@ def test_ls_fits_80_columns_with_long_names(
         assert len(out.splitlines()) == 4
 
 
+LONG_METRIC = "validation/" + "very_long_metric_name_" * 5 + "loss"
+LONG_LEAF = "block_with_a_long_name_" * 5 + "weight"
+LONG_TENSOR = f"encoder/{LONG_LEAF}"
+LONG_NOTE = "a note of many words " * 12 + "END"
+
+
+def _wide_store(root: Path) -> ckpt.Store:
+    store = ckpt.Store(root, durable=False)
+    for i in range(2):
+        store.save(
+            {"encoder": {LONG_LEAF: np.ones(16, np.float32) * i}},
+            step=10**9 + i,
+            metrics={LONG_METRIC: 0.125 + i, "acc": 0.5},
+            meta={"note": LONG_NOTE},
+        )
+    return store
+
+
+def _piped(*args: object, columns: str | None = None) -> subprocess.CompletedProcess[str]:
+    """ckpt with stdout a pipe and ``COLUMNS`` unset (or set to ``columns``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def test_piped_output_is_never_cut(tmp_path: Path) -> None:
+    store = _wide_store(tmp_path / "wide")
+    r = _piped("ls", store.root)  # no monitor: every metric, in one flexible column
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "metrics" in header.split()
+    assert f"{LONG_METRIC}=1.125 acc=0.5" in rows[1]
+    assert rows[1].endswith("latest") and len(rows[1]) > 150
+    r = _piped("show", store.root, "latest")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.split() == ["metrics", f"{LONG_METRIC}=1.125", "acc=0.5"] for line in lines)
+    note = next(line for line in lines if line.lstrip().startswith("meta "))
+    assert note.endswith(f'"note": "{LONG_NOTE}"}}'), note  # the whole value, on one line
+    row = next(line for line in lines if line.startswith("encoder/"))
+    assert row.split()[:3] == [LONG_TENSOR, "F32", "16"]
+    # an explicit COLUMNS is still honoured in a pipe
+    r = _piped("ls", store.root, columns="80")
+    assert r.returncode == 0 and LONG_METRIC not in r.stdout
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+
+
+def test_a_terminal_gets_tables_that_fit_it(tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    store = _wide_store(tmp_path / "wide")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 70, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckpt.cli", "ls", store.root],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None and proc.stderr.read() == b""
+    proc.stderr.close()
+    lines = seen.decode().replace("\r\n", "\n").splitlines()
+    assert len(lines) == 3 and LONG_METRIC not in seen.decode()
+    assert all(len(line) <= 70 for line in lines), lines
+    assert max(len(line) for line in lines) > 40  # fitted to 70, not to a fallback of 40
+
+
 def test_ls_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ckpt.Store(tmp_path / "empty").create()
     code, out, _ = ckpt_main(capsys, "ls", store.root)
@@ -349,8 +441,9 @@ def test_show_json_tensors_and_trainer_state(
 
 
 def test_show_human_and_tensor_glob(
-    run_store: ckpt.Store, capsys: pytest.CaptureFixture[str]
+    run_store: ckpt.Store, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "80")  # fitted like a terminal of 80 columns
     code, out, _ = ckpt_main(capsys, "show", run_store.root, "best", "--tensors", "model/*")
     assert code == 0
     assert out.startswith("version 4 (best by val_loss (min))")
@@ -483,16 +576,111 @@ def test_du_numbers(kept_store: ckpt.Store, capsys: pytest.CaptureFixture[str]) 
     assert data["compression_ratio"] > 1  # arange compresses
     code, out, _ = ckpt_main(capsys, "du", kept_store.root)
     assert code == 0 and "dedup saves" in out and "compression saves" in out
-    assert "unreferenced: ckpt gc frees it" in out
+    assert f"unreferenced: ckpt gc {kept_store.root} frees it" in out
 
 
 # ------------------------------------------------------------------- errors
-def test_missing_store(tmp_path: Path) -> None:
-    for cmd in (["ls"], ["show", "latest"], ["verify"], ["du"], ["gc", "--dry-run"]):
-        args = [cmd[0], str(tmp_path / "nope"), *cmd[1:]]
-        r = ckpt_run(*args)
-        assert r.returncode == 1, args
-        assert_one_line_error(r.stderr, "nope", "is not a ckpt store")
+#: Every command that opens an existing store (all but import), with its other arguments.
+STORE_COMMANDS = (
+    ("ls",),
+    ("show", "latest"),
+    ("best", "--metric", "val_loss"),
+    ("du",),
+    ("restore", "latest", "--out", "out.npz"),
+    ("restore", "latest", "--out", "out.safetensors", "--state-dict"),
+    ("export", "latest", "out.safetensors"),
+    ("verify",),
+    ("diff", "1", "2"),
+    ("plot", "--metric", "val_loss", "--out", "out.png"),
+    ("gc", "--dry-run"),
+    ("gc", "--keep-last", "1", "--yes"),
+    ("pin", "1"),
+    ("unpin", "1"),
+)
+
+
+def test_store_commands_cover_every_command_but_import() -> None:
+    assert {c[0] for c in STORE_COMMANDS} == set(COMMANDS) - {"import"}
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, None for a directory."""
+    return {
+        str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("cmd", STORE_COMMANDS, ids=" ".join)
+def test_a_typo_path_is_refused_and_nothing_is_created(
+    tmp_path: Path, cmd: tuple[str, ...]
+) -> None:
+    r = ckpt_run(cmd[0], "runs/exp9", *cmd[1:], cwd=tmp_path)
+    assert r.returncode == 1, r
+    assert r.stdout == ""
+    assert_one_line_error(
+        r.stderr, "ckpt: error: runs/exp9 is not a ckpt store (no such directory); check the path"
+    )
+    assert list(tmp_path.iterdir()) == []  # no store, no runs/, no output file
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [
+        ("empty", "an empty directory"),
+        ("file", "a file, not a directory"),
+        ("other files", "no ckpt-store.json in it"),
+    ],
+)
+@pytest.mark.parametrize("cmd", STORE_COMMANDS, ids=" ".join)
+def test_a_path_that_is_not_a_store_is_refused_and_left_alone(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cmd: tuple[str, ...],
+    kind: str,
+    what: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "runs" / "exp9"
+    if kind == "file":
+        path.parent.mkdir()
+        path.write_text("not a store\n")
+    else:
+        path.mkdir(parents=True)
+        if kind == "other files":
+            (path / "notes.txt").write_text("hello\n")
+    before = _snapshot(tmp_path)
+    code, out, err = ckpt_main(capsys, cmd[0], "runs/exp9", *cmd[1:])
+    assert code == 1 and out == ""
+    assert_one_line_error(
+        err, f"ckpt: error: runs/exp9 is not a ckpt store ({what}); check the path"
+    )
+    assert _snapshot(tmp_path) == before
+
+
+def test_import_says_it_created_the_store(tmp_path: Path) -> None:
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "in.safetensors"
+    st_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src))
+    r = ckpt_run("import", "runs/new", src, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "created store runs/new\n"
+    assert (tmp_path / "runs" / "new" / "ckpt-store.json").is_file()
+    r = ckpt_run("import", "runs/new", src, cwd=tmp_path)  # now it exists: nothing to say
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_import_refuses_a_plain_file_as_the_store(tmp_path: Path) -> None:
+    st_numpy = pytest.importorskip("safetensors.numpy")
+    src = tmp_path / "in.safetensors"
+    st_numpy.save_file({"w": np.arange(4, dtype=np.float32)}, str(src))
+    (tmp_path / "notes").write_text("hello\n")
+    before = _snapshot(tmp_path)
+    r = ckpt_run("import", "notes", src, cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "notes is a file, not a store")
+    assert _snapshot(tmp_path) == before
 
 
 def test_newer_store_format(run_store: ckpt.Store) -> None:
@@ -530,9 +718,39 @@ def test_damaged_chunk(run_store: ckpt.Store, tmp_path: Path) -> None:
     obj.write_bytes(bytes(data))
     r = ckpt_run("restore", run_store.root, "6", "--out", tmp_path / "x.npz")
     assert r.returncode == 1
-    assert_one_line_error(r.stderr, "store is damaged", "version 6", cid[:16], "ckpt verify")
+    assert_one_line_error(
+        r.stderr, "store is damaged", "version 6", cid[:16], f"; run ckpt verify {run_store.root}"
+    )
     assert not (tmp_path / "x.npz").exists()
     assert not list(tmp_path.glob(".x.npz*"))
+
+
+def test_hints_name_the_store_as_typed_and_shell_quoted(tmp_path: Path) -> None:
+    store = ckpt.Store(tmp_path / "my runs" / "exp1", durable=False)
+    store.save({"w": np.arange(64 * 1024, dtype=np.float32)}, step=1)
+    typed = "my runs/exp1"
+    r = ckpt_run("show", typed, "9", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "version 9", "(ckpt ls 'my runs/exp1' lists the versions)")
+    cid = store.manifest(1)["chunks"][0][0]
+    obj = Path(store.root, "objects", cid[:2], cid[2:])
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(data))
+    r = ckpt_run("restore", typed, "latest", "--out", "x.npz", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "store is damaged", "; run ckpt verify 'my runs/exp1'")
+    obj.unlink()
+    r = ckpt_run("restore", typed, "latest", "--out", "x.npz", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_line_error(r.stderr, "a chunk is missing", "; run ckpt verify 'my runs/exp1'")
+    Path(store.root, "objects", "ab", "c" * 62).parent.mkdir(exist_ok=True)
+    Path(store.root, "objects", "ab", "c" * 62).write_bytes(b"debris")
+    r = ckpt_run("du", typed, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "unreferenced: ckpt gc 'my runs/exp1' frees it" in r.stdout
+    assert "STORE" not in r.stdout
 
 
 def test_permission_denied_real(run_store: ckpt.Store) -> None:

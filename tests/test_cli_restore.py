@@ -529,3 +529,96 @@ def test_a_leaf_named_like_the_metadata_key_is_refused(
     assert_one_line_error(err, "'__metadata__'", ".npz")
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".x*"))
     assert ckpt_main(capsys, "restore", store.root, "latest", "--out", tmp_path / "x.npz")[0] == 0
+
+
+def test_restore_state_dict_loads_into_a_fresh_model(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import ckpt.torch
+
+    class Net(torch.nn.Module):  # a nested submodule, BatchNorm buffers, tied weights
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 6)
+            self.body = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6))
+            self.head = torch.nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: Any) -> Any:
+            return self.head(self.body(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randint(0, 10, (8,))).square().mean().backward()
+        opt.step()
+    want = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    store = ckpt.Store(tmp_path / "run", durable=False)
+    store.save(ckpt.torch.capture(model=model, optimizer=opt, epoch=3), step=3)
+
+    out = tmp_path / "m.safetensors"
+    r = ckpt_run("restore", store.root, "latest", "--out", out, "--state-dict")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {len(want)} tensors as a state dict,")
+    loaded = safetensors_torch.load_file(str(out))
+    assert set(loaded) == set(want)  # model/ dropped; no optimizer or rng entries
+
+    torch.manual_seed(1)
+    fresh = Net()
+    assert not torch.equal(fresh.body[1].running_mean, want["body.1.running_mean"])
+    fresh.load_state_dict(loaded, strict=True)
+    got = fresh.state_dict()
+    assert fresh.head.weight is fresh.emb.weight  # still tied
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert got[k].numpy().tobytes() == v.numpy().tobytes(), k
+    assert int(got["body.1.num_batches_tracked"]) == 3
+
+    # without the option the names are leaf paths, which load_state_dict refuses
+    plain = tmp_path / "plain.safetensors"
+    assert ckpt_run("restore", store.root, "latest", "--out", plain).returncode == 0
+    assert "model/body.0.weight" in safetensors_torch.load_file(str(plain))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        Net().load_state_dict(safetensors_torch.load_file(str(plain)), strict=True)
+
+
+def test_restore_state_dict_prefixes_and_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = ckpt.Store(tmp_path / "s", durable=False)
+    a, b = np.arange(3, dtype=np.float32), np.ones(2, np.int64)
+    store.save(
+        {
+            "ema": {"model": {"enc": {"w": a}, "x/y": b}},
+            "model": {"a.b": a, "a": {"b": b}},
+            "opt": {"lr": 0.1},
+        }
+    )
+    out = tmp_path / "o.safetensors"
+    info = ckpt_json(capsys, "restore", store.root, "1", "--out", out, "--state-dict", "ema/model")
+    assert [(t["path"], t["name"]) for t in info["tensors"]] == [
+        ("ema/model/enc/w", "enc.w"),
+        ("ema/model/x~1y", "x/y"),  # an escaped "/" comes back as it was in the key
+    ]
+    got, _ = st.load_file(out)
+    assert same_bytes(got["enc.w"], a) and same_bytes(got["x/y"], b)
+
+    npz = tmp_path / "o.npz"
+    args = ("restore", store.root, "1", "--out", npz, "--only", "ema/*/w", "--state-dict", "ema")
+    assert ckpt_main(capsys, *args)[0] == 0
+    with np.load(npz) as z:
+        assert sorted(z.files) == ["model.enc.w"]
+
+    args = ("restore", store.root, "1", "--out", tmp_path / "n.safetensors", "--state-dict")
+    code, out_text, err = ckpt_main(capsys, *args, "net")
+    assert code == 1 and out_text == ""
+    assert_one_line_error(
+        err, "--state-dict net: no array of version 1 is under net/", "'ema', 'model'"
+    )
+    assert "'opt'" not in err  # opt holds no array
+    code, _, err = ckpt_main(capsys, *args)  # the default prefix: model
+    assert code == 1
+    assert_one_line_error(err, "'model/a.b'", "'model/a/b'", "both be named 'a.b'")
+    assert not list(tmp_path.glob("n.*")) and not list(tmp_path.glob(".n.*"))

@@ -102,7 +102,7 @@ def test_early_stopping_inherits_the_managers_mode(tmp_path: Path) -> None:
 
 
 def test_a_contradicting_or_missing_mode_is_a_value_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="has mode 'max' in the manager but 'min' in EarlyStopping"):
+    with pytest.raises(ValueError, match="mode 'max' in the manager but 'min' in EarlyStopping"):
         ckpt.CheckpointManager(
             str(tmp_path / "s"),
             monitor="acc",
@@ -131,8 +131,7 @@ def test_several_stopping_criteria(tmp_path: Path) -> None:
     )
     grads = [1.0, 2.0, 500.0]
     stops = [
-        mgr.save(i, state(i), metrics={"acc": 0.1 * i, "grad_norm": g})
-        for i, g in enumerate(grads)
+        mgr.save(i, state(i), metrics={"acc": 0.1 * i, "grad_norm": g}) for i, g in enumerate(grads)
     ]
     assert stops == [False, False, True]
     assert mgr.stop_reason is not None and "grad_norm = 500.0" in mgr.stop_reason
@@ -403,9 +402,7 @@ def test_a_read_only_store_loads_and_refuses_saves_clearly(tmp_path: Path) -> No
     ro.mkdir()
     script = tmp_path / "ro.py"
     script.write_text(READ_ONLY)
-    probe = subprocess.run(
-        ["unshare", "-rm", "true"], capture_output=True, text=True, check=False
-    )
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"unshare -rm is not allowed here: {probe.stderr.strip()}")
     r = subprocess.run(
@@ -421,8 +418,8 @@ def test_a_read_only_store_loads_and_refuses_saves_clearly(tmp_path: Path) -> No
     assert lines[0] == "1 7.0"
     assert lines[1].startswith(f"REFUSED store {ro} is read-only (Read-only file system")
     assert "it can be listed, loaded and verified, not written" in lines[1]
-    assert sorted(p.name for p in src.iterdir()) == ["ckpt-store.json", "history.jsonl",
-                                                      "objects", "pins", "tmp", "versions"]  # fmt: skip
+    layout = ["ckpt-store.json", "history.jsonl", "objects", "pins", "tmp", "versions"]
+    assert sorted(p.name for p in src.iterdir()) == layout  # nothing written: no lock, no cache
 
 
 # -------------------------------------------------------- logging decisions

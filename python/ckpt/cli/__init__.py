@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        message, status = describe(exc)
+        store = getattr(args, "store", None)
+        message, status = describe(exc, store if isinstance(store, str) else None)
         one_line = " ".join(message.split())
         print(f"ckpt: error: {one_line}", file=sys.stderr)
         return status

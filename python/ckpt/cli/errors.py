@@ -14,6 +14,8 @@ no version with the metric for ``best``, deletions not confirmed by ``gc``);
 
 from __future__ import annotations
 
+import shlex
+
 from ..errors import (
     BadReferenceError,
     CheckpointError,
@@ -58,8 +60,15 @@ def _os_message(exc: OSError) -> str:
     return what
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """The one-line message (without the ``ckpt: error:`` prefix) and exit status for ``exc``."""
+def describe(exc: BaseException, store: str | None = None) -> tuple[str, int]:
+    """The one-line message (without the ``ckpt: error:`` prefix) and exit status for ``exc``.
+
+    Args:
+        exc: what the command raised.
+        store: the STORE argument as the user typed it; hints (``ckpt verify
+            runs/exp1``) name it, shell-quoted, so they can be pasted as they are.
+    """
+    where = "STORE" if store is None else shlex.quote(store)
     if isinstance(exc, CliError):
         return exc.message, exc.code
     if isinstance(exc, KeyboardInterrupt):
@@ -69,11 +78,14 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, StoreNotFoundError):
         return f"{exc.strerror or exc}", EXIT_FAILURE
     if isinstance(exc, VersionNotFoundError):
-        return f"{exc} (ckpt ls STORE lists the versions)", EXIT_FAILURE
+        return f"{exc} (ckpt ls {where} lists the versions)", EXIT_FAILURE
     if isinstance(exc, MissingObjectError):
-        return f"store is damaged (a chunk is missing): {exc}; run ckpt verify STORE", EXIT_FAILURE
+        return (
+            f"store is damaged (a chunk is missing): {exc}; run ckpt verify {where}",
+            EXIT_FAILURE,
+        )
     if isinstance(exc, IntegrityError):
-        return f"store is damaged: {exc}; run ckpt verify STORE", EXIT_FAILURE
+        return f"store is damaged: {exc}; run ckpt verify {where}", EXIT_FAILURE
     if isinstance(exc, FormatError):
         return str(exc), EXIT_FAILURE
     if isinstance(exc, StoreLockedError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -583,7 +584,9 @@ def cmd_du(args: argparse.Namespace) -> int:
     rows.add(
         "on disk (objects)",
         fmt_bytes(on_disk),
-        f"{fmt_bytes(garbage)} unreferenced: ckpt gc frees it" if unreferenced else "",
+        f"{fmt_bytes(garbage)} unreferenced: ckpt gc {shlex.quote(args.store)} frees it"
+        if unreferenced
+        else "",
     )
     print("\n".join(rows.render().splitlines()[1:]))
     if stored:

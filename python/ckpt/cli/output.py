@@ -8,9 +8,12 @@ alike (the huggingface_hub ``hf`` CLI keeps the same split):
   non-finite floats are written as the strings ``"nan"``, ``"inf"``,
   ``"-inf"`` (as in manifests), so the output is strict JSON that ``jq``
   and ``json.loads`` accept.
-* :class:`Table`: a plain-text table that fits the terminal (80 columns when
-  stdout is not one, or ``$COLUMNS``): flexible columns are truncated with an
-  ellipsis, optional ones dropped, before anything wraps.
+* :class:`Table`: a plain-text table that fits the width of
+  :func:`output_width`: ``$COLUMNS`` when set, else the terminal's when
+  stdout is one (flexible columns are truncated with an ellipsis, optional
+  ones dropped, before anything wraps). Piped or redirected output has no
+  width limit: every value is written in full, one row per line, so that
+  ``grep``, ``awk`` and files see what the store holds.
 * :func:`fmt_bytes`, :func:`fmt_ago`, :func:`fmt_when`, :func:`fmt_num`: the
   number formats of tables (binary units, "3m ago", local time, 4 digits).
 * :class:`Progress` and :class:`Spinner`: drawn on stderr only when stderr is
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import textwrap
@@ -46,6 +50,7 @@ __all__ = [
     "fmt_when",
     "jsonable",
     "note",
+    "output_width",
     "print_fields",
     "terminal_width",
 ]
@@ -151,6 +156,26 @@ def terminal_width(default: int = 80) -> int:
     return max(40, shutil.get_terminal_size((default, 24)).columns)
 
 
+def output_width(stream: TextIO | None = None) -> int | None:
+    """The width tables and ``key  value`` blocks are fitted to, or None for no limit.
+
+    ``$COLUMNS`` when it is set to a positive integer (an explicit request,
+    honoured even in a pipe); else the terminal's width when ``stream``
+    (stdout) is a terminal; else None: a pipe or a file gets every value in
+    full, never cut to 80 or any other number of columns.
+    """
+    env = os.environ.get("COLUMNS", "")
+    if env.isascii() and env.isdigit() and int(env) > 0:
+        return max(40, int(env))
+    out = stream or sys.stdout
+    try:
+        if out.isatty():
+            return max(40, os.get_terminal_size(out.fileno()).columns)
+    except (AttributeError, ValueError, OSError):
+        pass
+    return None
+
+
 def _ellipsis() -> str:
     encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
     return "\u2026" if encoding in ("utf8", "utf16", "utf32") else "~"
@@ -199,8 +224,9 @@ class Table:
     """Rows of text cells rendered in aligned columns that fit a width.
 
     Columns are separated by two spaces. When the natural width exceeds the
-    limit, flex columns are narrowed (cells truncated with an ellipsis), then
-    droppable columns are removed, highest ``drop`` first.
+    limit (``width``, else :func:`output_width`; None: no limit), flex columns
+    are narrowed (cells truncated with an ellipsis), then droppable columns
+    are removed, highest ``drop`` first.
     """
 
     def __init__(self, columns: Sequence[Column]) -> None:
@@ -213,13 +239,15 @@ class Table:
         self.rows.append(["" if c is None else str(c) for c in cells])
 
     def render(self, width: int | None = None) -> str:
-        limit = terminal_width() if width is None else width
+        limit = output_width() if width is None else width
         visible = list(range(len(self.columns)))
         while True:
             widths = {
                 i: max([len(self.columns[i].header)] + [len(r[i]) for r in self.rows])
                 for i in visible
             }
+            if limit is None:  # not a terminal: every cell in full
+                break
             total = sum(widths.values()) + 2 * (len(visible) - 1)
             for i in sorted(visible, key=lambda i: -i):  # narrow the rightmost flex first
                 if total <= limit:
@@ -250,15 +278,22 @@ class Table:
 def print_fields(
     fields: Iterable[tuple[str, object]], indent: str = "  ", width: int | None = None
 ) -> None:
-    """``key   value`` lines, values aligned and wrapped to the width (``ckpt show`` blocks)."""
+    """``key   value`` lines, values aligned (``ckpt show`` blocks).
+
+    Values are wrapped to ``width``, else to :func:`output_width`; with no
+    limit (a pipe) each value stays whole on its key's line.
+    """
     pairs = [(k, "" if v is None else str(v)) for k, v in fields]
     if not pairs:
         return
     w = max(len(k) for k, _ in pairs)
-    limit = terminal_width() if width is None else width
+    limit = output_width() if width is None else width
     hang = " " * (len(indent) + w + 2)
     for k, v in pairs:
         first = f"{indent}{k.ljust(w)}  "
+        if limit is None:
+            print(f"{first}{v}".rstrip())
+            continue
         lines = textwrap.wrap(
             v,
             width=max(limit, len(first) + 20),

@@ -16,27 +16,59 @@ for ``--mode min|max`` (exit status 2).
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 
+from ..errors import StoreNotFoundError
 from ..index import Version
 from ..refs import Monitor, choose_monitor, recorded_monitor
 from ..refs import resolve as resolve_ref
 from ..retention import best_of
 from ..store import Store
 
-__all__ = ["Monitor", "add_metric_options", "best_version", "monitor_of", "open_store", "resolve"]
+__all__ = [
+    "Monitor",
+    "add_metric_options",
+    "best_version",
+    "monitor_of",
+    "not_a_store",
+    "open_store",
+    "resolve",
+]
 
 #: How a command names a mode, in MetricModeError messages.
 MODE_HINT = "pass --mode min or --mode max (or write best:{metric}:min|max)"
 
 
 def open_store(path: str) -> Store:
-    """Opens an existing store for reading (never creates one).
+    """Opens an existing store (never creates one, nor anything else at ``path``).
+
+    Every command but ``import`` opens its STORE through here, so that a
+    mistyped path is refused, naming the path and what is there instead.
 
     Raises:
         StoreNotFoundError: ``path`` is not a store.
         FormatError: a store of a newer or unknown format.
     """
-    return Store(path, create=False)
+    try:
+        return Store(path, create=False)
+    except StoreNotFoundError as exc:
+        raise StoreNotFoundError(errno.ENOENT, not_a_store(path), path) from exc
+
+
+def not_a_store(path: str) -> str:
+    """Why ``path`` is not a store, and what to do: one line for ``ckpt: error:``."""
+    if not os.path.lexists(path):
+        what = "no such directory"
+    elif not os.path.isdir(path):
+        what = "a file, not a directory"
+    else:
+        try:
+            empty = not os.listdir(path)
+        except OSError:
+            empty = False
+        what = "an empty directory" if empty else "no ckpt-store.json in it"
+    return f"{path} is not a ckpt store ({what}); check the path"
 
 
 def add_metric_options(p: argparse.ArgumentParser, what: str = "best") -> None:

@@ -5,7 +5,15 @@ Decisions:
 * The format follows ``--out``: ``*.safetensors``, ``*.npz``, or a directory
   (a path without extension, with a trailing ``/``, or an existing
   directory). Another extension is refused rather than guessed.
-* The names are the leaf paths (``encoder/layers/0/w``). In a directory,
+* The names are the leaf paths (``encoder/layers/0/w``), or, with
+  ``--state-dict [PREFIX]``, the keys of a torch / Hugging Face state dict:
+  only the leaves under ``PREFIX/`` (default ``model``, where
+  :func:`ckpt.torch.capture` puts ``model.state_dict()``), that prefix
+  dropped, the rest of the path unescaped (``~1`` -> ``/``, ``~0`` -> ``~``)
+  and joined with ``.``; so ``safetensors.torch.load_file`` gives a dict
+  that ``model.load_state_dict(..., strict=True)`` accepts. A prefix that
+  matches no array is refused, listing the top-level names there are; so
+  are two leaves that would get one name. In a directory,
   each leaf is ``OUT/<path>.npy``, one sub-directory per path component;
   a component is percent-encoded (``urllib.parse.quote(part, safe="")``)
   and the components ``""``, ``.`` and ``..`` are written ``%``, ``%2E``
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import urllib.parse
 import zipfile
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_OK, EXIT_USAGE, CliError
@@ -45,7 +55,7 @@ if TYPE_CHECKING:  # imported where used: building the parser (every ckpt comman
 
     from ..interop.leaves import LeafInfo
 
-__all__ = ["leaf_file", "output_format", "register"]
+__all__ = ["leaf_file", "output_format", "register", "state_dict_names"]
 
 
 def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
@@ -55,11 +65,14 @@ def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
         formatter_class=formatter,
         help="write a version's tensors to .safetensors, .npz or .npy files",
         description="Write the arrays of a version to a .safetensors file, a .npz file or"
-        " a directory of .npy files (chosen by the extension of --out), named by leaf path.",
+        " a directory of .npy files (chosen by the extension of --out), named by leaf path"
+        " or, with --state-dict, by the keys model.load_state_dict expects.",
         epilog="examples:\n"
         "  ckpt restore runs/exp1 best --out model.safetensors\n"
         "  ckpt restore runs/exp1 latest --out state.npz --only 'model/*'\n"
-        "  ckpt restore runs/exp1 step=1000 --out weights/      one .npy per tensor",
+        "  ckpt restore runs/exp1 step=1000 --out weights/      one .npy per tensor\n"
+        "  ckpt restore runs/exp1 best --out model.safetensors --state-dict\n"
+        "      then: model.load_state_dict(safetensors.torch.load_file('model.safetensors'))",
     )
     p.add_argument("store", help="path of the store")
     p.add_argument("version", help="id, latest, best, best:METRIC[:max] or step=N")
@@ -71,6 +84,16 @@ def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
         metavar="GLOB",
         action="append",
         help="only leaves whose path matches (fnmatch, * crosses /); repeatable",
+    )
+    p.add_argument(
+        "--state-dict",
+        nargs="?",
+        const="model",
+        metavar="PREFIX",
+        help="name the tensors as a torch/HF state dict: only the leaves under PREFIX/"
+        " (default: model, as ckpt.torch.capture saves it), PREFIX/ dropped, the rest"
+        " joined with '.' (model/enc.0.weight -> enc.0.weight); put it after the"
+        " positional arguments",
     )
     p.add_argument("--force", "-f", action="store_true", help="overwrite existing output")
     add_metric_options(p)
@@ -106,6 +129,53 @@ def leaf_file(path: str) -> str:
     """The relative file name of a leaf in a directory restore (``a/b`` -> ``a/b.npy``)."""
     parts = [_SPECIAL.get(p) or urllib.parse.quote(p, safe="") for p in path.split("/")]
     return os.path.join(*parts) + ".npy"
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
+
+
+def state_dict_names(
+    leaves: Sequence[LeafInfo], prefix: str, everything: Sequence[LeafInfo], version: int
+) -> list[tuple[str, LeafInfo]]:
+    """The leaves under ``prefix/``, renamed to state-dict keys (``a/b.c/d`` -> ``b.c.d``).
+
+    Args:
+        leaves: the leaves to restore (after ``--only``).
+        prefix: a leaf path (``model``, ``ema/model``); ``""`` keeps every leaf.
+        everything: all leaves of the version, for the names listed when none matches.
+        version: the version id, for messages.
+
+    Returns:
+        ``(leaf path, leaf renamed)`` pairs, in the order of ``leaves``.
+
+    Raises:
+        CliError: no leaf is under ``prefix``, or two leaves would get one name.
+    """
+    prefix = prefix.strip("/")
+    head = f"{prefix}/" if prefix else ""
+    out: list[tuple[str, LeafInfo]] = []
+    seen: dict[str, str] = {}
+    for leaf in leaves:
+        if not leaf.path.startswith(head) or leaf.path == prefix:
+            continue
+        name = ".".join(_unescape(part) for part in leaf.path[len(head) :].split("/"))
+        if name in seen:
+            raise CliError(
+                f"--state-dict {prefix}: leaves {seen[name]!r} and {leaf.path!r} would both"
+                f" be named {name!r}; restore without --state-dict"
+            )
+        seen[name] = leaf.path
+        out.append((leaf.path, dataclasses.replace(leaf, path=name)))
+    if not out:
+        tops = sorted({x.path.split("/")[0] for x in everything})
+        listed = ", ".join(repr(t) if t else "<root>" for t in tops) or "none"
+        which = "array matching --only" if len(leaves) < len(everything) else "array"
+        raise CliError(
+            f"--state-dict {prefix}: no {which} of version {version} is under {prefix}/;"
+            f" the top-level names are {listed} (pass --state-dict NAME)"
+        )
+    return out
 
 
 def _check_target(out: str, fmt: str, force: bool) -> None:
@@ -186,11 +256,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     v = resolve(store, args.version, args.metric, args.mode)
     m = store.manifest(v.id)
-    leaves = select(list_leaves(m), args.only)
-    pickled = [x.path for x in leaves if x.kind == "pickle"]
-    leaves = [x for x in leaves if x.kind != "pickle"]
-    if args.only and not leaves:
+    everything = list_leaves(m)
+    selected = select(everything, args.only)
+    if args.only and all(x.kind == "pickle" for x in selected):
         raise CliError(f"no array of version {v.id} matches {' or '.join(args.only)}")
+    # (leaf path in the store, the leaf as written: named by its path or state-dict key)
+    items = [(x.path, x) for x in selected]
+    if args.state_dict is not None:
+        items = state_dict_names(selected, args.state_dict, everything, v.id)
+    pickled = [path for path, x in items if x.kind == "pickle"]
+    items = [(path, x) for path, x in items if x.kind != "pickle"]
+    leaves = [x for _, x in items]
     _check_target(args.out, fmt, args.force)
     total = sum(x.nbytes for x in leaves)
     with Progress(total, f"version {v.id} -> {os.path.basename(args.out.rstrip('/'))}") as bar:
@@ -222,21 +298,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 "bytes": total,
                 "tensors": [
                     {
-                        "path": x.path,
+                        "path": path,
+                        "name": x.path,
                         "dtype": x.dtype,
                         "shape": list(x.shape),
                         "nbytes": x.nbytes,
                         **({"file": leaf_file(x.path)} if fmt == "dir" else {}),
                     }
-                    for x in leaves
+                    for path, x in items
                 ],
                 "skipped_pickled": pickled,
             }
         )
     else:
         step = "" if v.step is None else f" (step {v.step})"
+        what = "tensors" if args.state_dict is None else "tensors as a state dict"
         print(
-            f"wrote {len(leaves)} tensors, {fmt_bytes(total)}, of version {v.id}{step}"
-            f" to {args.out}"
+            f"wrote {len(leaves)} {what}, {fmt_bytes(total)}, of version {v.id}{step} to {args.out}"
         )
     return EXIT_OK

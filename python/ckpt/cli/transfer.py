@@ -103,6 +103,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.step is not None and args.step < 0:
         raise CliError("--step must be a non-negative integer", 2)
     created = not os.path.exists(os.path.join(args.store, "ckpt-store.json"))
+    if created and os.path.lexists(args.store) and not os.path.isdir(args.store):
+        raise CliError(f"{args.store} is a file, not a store: name a new or empty directory")
     if not created:
         store = open_store(args.store)  # a store we cannot write to fails before reading
     data = read_import(args.file, flat=args.flat)  # checked before a store is created
