@@ -327,7 +327,8 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     code, text, err = ckpt_main(capsys, "plot", store.root, "--out", out)
     assert code == 0, err
     assert text.strip() == (
-        f"wrote {out}: val_loss over {len(LOSSES) - 1} versions, best v4, early stop at step 50"
+        f"wrote {out}: val_loss over {len(LOSSES) - 1} steps ({len(LOSSES) - 1} versions kept),"
+        " best v4, early stop at step 50"
     )
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -339,6 +340,7 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         "metric": "acc",
         "mode": "max",
         "points": 6,
+        "versions": 6,
         "best": 4,
         "stopped_step": 50,
         "stop_reason": info["stop_reason"],

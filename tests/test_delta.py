@@ -381,7 +381,7 @@ def engine_save(root: str, data: bytes, bases: list[tuple[int, int, str, int | N
 
 
 def test_a_matching_fingerprint_stands_in_for_the_blake3_pass(tmp_path: Path) -> None:
-    root = ckpt.Store(tmp_path / "s").root
+    root = ckpt.Store(tmp_path / "s").create().root
     x = table(1)[:4096].tobytes()  # 256 KiB: one chunk
     y = table(2)[:4096].tobytes()
     (cx, *_), _, _ = engine_save(root, x, [])

@@ -14,7 +14,7 @@ from ckpt import _core
 
 
 def make_root(tmp_path: Path) -> str:
-    return ckpt.Store(tmp_path / "s").root
+    return ckpt.Store(tmp_path / "s").create().root
 
 
 def save(root: str, buffers: list, groups: list[int] | None = None, **kw: object):

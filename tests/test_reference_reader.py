@@ -340,7 +340,7 @@ def test_chunk_table_follows_the_planning_rules(
 ) -> None:
     """Section 6, under either packing rule (None: a marker without the key)."""
     params = {"chunk_size": chunk_size, "small_threshold": small_threshold}
-    set_packing(ckpt.Store(tmp_path / "s", **params).root, packing)
+    set_packing(ckpt.Store(tmp_path / "s", **params).create().root, packing)
     store = ckpt.Store(tmp_path / "s", **params)
     assert store.size_classes == (packing is not None)
     tree = varied_tree(3)
