@@ -92,6 +92,7 @@ def test_every_readme_block_runs_on_an_empty_store_and_again(
     import ckpt
 
     first = [v.id for v in ckpt.Store("runs/exp1", create=False).versions()]
-    (tmp_path / "model.safetensors").unlink()  # ckpt restore never overwrites without --force
+    for out in ("model.safetensors", "weights.safetensors"):
+        (tmp_path / out).unlink()  # ckpt restore never overwrites without --force
     run_readme(tmp_path)  # resumes: the first run had stopped early, so nothing new
     assert [v.id for v in ckpt.Store("runs/exp1", create=False).versions()] == first
