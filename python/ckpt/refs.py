@@ -149,8 +149,8 @@ def choose_monitor(
         else "the store records no monitor"
     )
     raise MetricModeError(
-        f"is lower or higher {chosen!r} better? {known}, so its mode is not known;"
-        f" {hint.format(metric=chosen)}"
+        f"is a lower or a higher {chosen!r} better? {known}, so ckpt does not know"
+        f" (and does not guess); {hint.format(metric=chosen)}"
     )
 
 
