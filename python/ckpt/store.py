@@ -292,6 +292,7 @@ class Store:
         self._unclean = False
         self._read_only = False
         self._exists = True
+        self._made_root = False
         self._given = (chunk_size, small_threshold)
         self._apply_marker(self._open(create, chunk_size, small_threshold))
         self._cache = ListingCache(self.root)
@@ -369,20 +370,32 @@ class Store:
         # still read back, but would not deduplicate against them
         self.size_classes = recorded.get("packing", "width") != "width"
 
-    def _create(self) -> None:
-        """Makes the layout and the marker of a new store (the first write does it)."""
-        if os.path.lexists(self._p("ckpt-store.json")):  # another process made it meanwhile
-            self._apply_marker(self._open(False, None, None))
-            self._exists = True
-            return
+    def _make_root(self) -> None:
+        """The root directory of a store about to be created (its first writer's lock is there)."""
         if os.path.isdir(self.root) and not _is_blank(self.root):
             raise FormatError(
                 f"{self.root} is a non-empty directory that is not a ckpt store;"
                 " choose an empty or new directory"
             )
-        made = not os.path.isdir(self.root)
+        self._made_root = not os.path.isdir(self.root)
         try:
             os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise self._read_only_error(exc) from None
+
+    def _create(self) -> None:
+        """Makes the layout and the marker of a new store, under the writer lock (so
+        that two first writers, or a first writer and another's tmp/ sweep, never race)."""
+        if os.path.lexists(self._p("ckpt-store.json")):  # another writer made it before us
+            self._apply_marker(self._open(False, None, None))
+            self._exists = True
+            return
+        if not _is_blank(self.root):
+            raise FormatError(
+                f"{self.root} is a non-empty directory that is not a ckpt store;"
+                " choose an empty or new directory"
+            )
+        try:
             for d in LAYOUT:
                 os.makedirs(self._p(d), exist_ok=True)
         except OSError as exc:
@@ -399,7 +412,7 @@ class Store:
         # The layout's entries and the marker become durable with the root;
         # a new root also needs its own entry in its parent fsynced.
         self._commit("", "ckpt-store.json", json.dumps(info, indent=1).encode() + b"\n")
-        if made:
+        if self._made_root:
             self._fsync_dir(os.path.dirname(os.path.abspath(self.root)))
         self._exists = True
 
@@ -410,9 +423,8 @@ class Store:
             FormatError: ``root`` is a non-empty directory that is not a store.
             StoreReadOnlyError: the file system refuses the write.
         """
-        with self._thread_lock:
-            if not self.exists:
-                self._create()
+        with self._writer():
+            pass  # the first writer makes the store
         return self
 
     @property
@@ -483,7 +495,7 @@ class Store:
         with self._thread_lock:
             if self._lock_depth == 0:
                 if not self.exists:
-                    self._create()
+                    self._make_root()  # the lock file lives in it; the layout is made under it
                 self._acquire_flock()
                 self._unclean = False
             self._lock_depth += 1
@@ -532,6 +544,8 @@ class Store:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            if not self.exists:
+                self._create()
             self._check_layout()
             if previous.strip():
                 self._cache.forget()  # it may have committed without a trace in the cache
