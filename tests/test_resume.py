@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from crashcheck import TOP_LEVEL
 
 import ckpt
 
@@ -58,16 +59,7 @@ def check_invariants(root: Path) -> None:
         store.load(latest)
         assert store.verify(latest)[0].ok
     for entry in Path(root).iterdir():
-        assert entry.name in {
-            "ckpt-store.json",
-            "objects",
-            "versions",
-            "pins",
-            "tmp",
-            "cache",
-            "lock",
-            "history.jsonl",
-        }
+        assert entry.name in TOP_LEVEL
 
 
 PHASES = ["before_chunks", "after_chunks", "before_commit", "after_commit", "in_retention"]

@@ -120,15 +120,18 @@ def test_a_contradicting_or_missing_mode_is_a_value_error(tmp_path: Path) -> Non
 
 
 def test_several_stopping_criteria(tmp_path: Path) -> None:
-    mgr = ckpt.CheckpointManager(
-        str(tmp_path / "s"),
-        monitor="acc",
-        mode="max",
-        early_stopping=[
-            ckpt.EarlyStopping(patience=10),
-            ckpt.EarlyStopping(monitor="grad_norm", mode="min", divergence_threshold=100.0),
-        ],
-    )
+    def manager() -> ckpt.CheckpointManager:
+        return ckpt.CheckpointManager(
+            str(tmp_path / "s"),
+            monitor="acc",
+            mode="max",
+            early_stopping=[
+                ckpt.EarlyStopping(patience=10),
+                ckpt.EarlyStopping(monitor="grad_norm", mode="min", divergence_threshold=100.0),
+            ],
+        )
+
+    mgr = manager()
     grads = [1.0, 2.0, 500.0]
     stops = [
         mgr.save(i, state(i), metrics={"acc": 0.1 * i, "grad_norm": g}) for i, g in enumerate(grads)
@@ -138,15 +141,7 @@ def test_several_stopping_criteria(tmp_path: Path) -> None:
     trainer = dict(mgr.store.latest().trainer)
     assert [e["monitor"] for e in trainer["early_stopping"]] == ["acc", "grad_norm"]
     # a resumed manager adopts both states: it has stopped
-    again = ckpt.CheckpointManager(
-        str(tmp_path / "s"),
-        monitor="acc",
-        mode="max",
-        early_stopping=[
-            ckpt.EarlyStopping(patience=10),
-            ckpt.EarlyStopping(monitor="grad_norm", mode="min", divergence_threshold=100.0),
-        ],
-    )
+    again = manager()
     again.restore_latest()
     assert again.should_stop and again.early_stoppings[0].best == pytest.approx(0.2)
     r = cli("show", again.store.root, "latest")
