@@ -52,7 +52,7 @@ from .errors import (
     VersionNotFoundError,
 )
 from .index import (
-    MANIFEST_VERSION,
+    MANIFEST_VERSION_DELTA,
     MANIFEST_VERSION_PLAIN,
     MAX_MANIFEST_BYTES,
     ListingCache,
@@ -695,7 +695,9 @@ class Store:
             manifest = {
                 "format": "ckpt-manifest",
                 "version": (
-                    MANIFEST_VERSION if any(len(c) == 4 for c in table) else MANIFEST_VERSION_PLAIN
+                    MANIFEST_VERSION_DELTA
+                    if any(len(c) == 4 for c in table)
+                    else MANIFEST_VERSION_PLAIN
                 ),
                 "id": new_id,
                 "parent": parent,
