@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import reference_reader as ref
+from test_cli import ckpt_json, ckpt_main, ckpt_run
 
 import ckpt
 from ckpt import _core
@@ -394,7 +395,7 @@ def test_cache_lines_of_full_versions_keep_the_older_layout(tmp_path: Path) -> N
     assert heads[0][10] == ["optimizer/**"] and heads[0][11] == len(lines[0].partition(b"\t")[2])
 
 
-# ------------------------------------------------------------ the manager
+# ------------------------------------------------------------ the manager and the CLI
 def test_the_manager_slims_after_every_save_and_resumes_from_a_full_version(
     tmp_path: Path,
 ) -> None:
@@ -418,3 +419,57 @@ def test_the_manager_slims_after_every_save_and_resumes_from_a_full_version(
         "last 3",
         "optimizer/** dropped: not in last 1",
     )
+
+
+def test_ls_and_show_mark_slimmed_versions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = six_versions(tmp_path / "s")
+    store.apply_retention(SLIM, monitor="loss", mode="min")
+    data = ckpt_json(capsys, "ls", store.root)
+    assert [(v["id"], v["slimmed"]) for v in data["versions"]] == [
+        (3, ["optimizer/**"]),
+        (4, ["optimizer/**"]),
+        (5, ["optimizer/**"]),
+        (6, []),
+    ]
+    code, out, _ = ckpt_main(capsys, "ls", store.root)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows["3"].rstrip().endswith("slim") and "slim" not in rows["6"]
+    shown = ckpt_json(capsys, "show", store.root, "3")
+    assert shown["slimmed"] == {
+        "patterns": ["optimizer/**"],
+        "dropped": ["optimizer/m", "optimizer/v"],
+    }
+    assert [t["path"] for t in shown["tensors"] if t["dropped"]] == ["optimizer/m", "optimizer/v"]
+    code, out, _ = ckpt_main(capsys, "show", store.root, "3")
+    words = " ".join(out.split())  # the field may wrap
+    assert "slimmed optimizer/** dropped by retention (2 leaves: optimizer/m, optimizer/v)" in words
+    assert "optimizer/m (dropped)" in out
+    assert ckpt_json(capsys, "show", store.root, "6")["slimmed"] is None
+    code, _, err = ckpt_main(capsys, "restore", store.root, "3", "--out", str(tmp_path / "x.npz"))
+    assert (
+        code == 1
+        and "version 3 was slimmed by retention" in err
+        and "version 6 still has it" in err
+    )
+
+
+def test_gc_slims_with_the_slim_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = six_versions(tmp_path / "s")
+    before = store.stored_bytes()
+    dry = ckpt_json(
+        capsys, "gc", store.root, "--keep-last", "4", "--slim", "optimizer/**=last:1", "--dry-run"
+    )
+    assert dry["versions"] == [1, 2] and dry["slimmed"] == [3, 4, 5] and not dry["applied"]
+    assert dry["rules"]["subtrees"] == {"optimizer/**": ckpt.Keep(last=1).to_dict()}
+    code, out, _ = ckpt_main(
+        capsys, "gc", store.root, "--slim", "optimizer/**=last:1,seconds:1e9", "--yes"
+    )
+    # seconds:1e9 keeps the oldest version's optimizer (a time rule keeps the first)
+    assert code == 0 and out.startswith("slimmed 4 versions (2, 3, 4, 5), freeing")
+    assert [v.slimmed for v in ckpt.Store(store.root).versions()][:2] == [(), ("optimizer/**",)]
+    assert store.stored_bytes() < before
+    r = ckpt_run("gc", store.root, "--slim", "optimizer/**=newest:1")
+    assert r.returncode == 2 and "unknown rule 'newest:1'" in r.stderr
