@@ -1,5 +1,6 @@
-"""An independent reader of ckpt stores: store format 1, manifest formats 1 and
-2, chunk formats 1 (full chunks) and 2 (delta chunks).
+"""An independent reader of ckpt stores: store format 1, manifest formats 1, 2
+and 3 (a version slimmed by retention), chunk formats 1 (full chunks) and 2
+(delta chunks).
 
 Written from ``docs/format.md`` alone (section numbers below refer to it) and
 using only numpy, ``zstandard`` and ``blake3`` (plus ``ml_dtypes`` for the
@@ -12,11 +13,15 @@ manifest's chunk table (never into objects the table does not list), at most
 64 links, then applying each link's patch to the raw bytes of its base from
 the full chunk up, each result verified against its own id.
 
+A slimmed version's dropped tensors (7.7) have no bytes; :func:`read_version`
+puts :data:`DROPPED` in their place in the tree.
+
 Entry point: :func:`read_version` ``(root, version_id) -> (tree, manifest)``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -36,6 +41,7 @@ except ImportError:  # pragma: no cover - ml_dtypes is in the test extras
     ml_dtypes = None
 
 __all__ = [
+    "DROPPED",
     "DTYPES",
     "ChunkHeader",
     "ReaderError",
@@ -57,7 +63,8 @@ MAGIC = b"CKPTCHNK"
 CHUNK_VERSION = 1
 DELTA_VERSION = 2
 ROTATED_VERSION = 3
-MANIFEST_VERSIONS = (1, 2)
+MANIFEST_VERSIONS = (1, 2, 3)
+SLIM_VERSION = 3  # 7.7
 FIXED_HEADER = 24
 PLANE_ENTRY = 16
 DELTA_EXTRA = 40  # base id (32), depth (4), patch length (4): section 5.5
@@ -107,6 +114,16 @@ DTYPES: dict[str, tuple[str, int, int]] = {
 
 class ReaderError(ValueError):
     """The store violates docs/format.md (malformed, damaged or missing data)."""
+
+
+class _Dropped:
+    """What :func:`read_version` returns for a leaf whose tensor retention dropped (7.7)."""
+
+    def __repr__(self) -> str:
+        return "DROPPED"
+
+
+DROPPED = _Dropped()
 
 
 def dtype_of(name: str) -> np.dtype[Any]:
@@ -552,6 +569,9 @@ def validate_manifest(m: object, version_id: int) -> dict[str, Any]:
             raise ReaderError(f"{key} must be an object")
     if "stats" in m and not isinstance(m["stats"], dict):
         raise ReaderError("stats must be an object")
+    slim = version == SLIM_VERSION
+    if slim != ("slimmed" in m):
+        raise ReaderError("slimmed is required in manifest format 3 and refused in 1 and 2")
 
     chunks = m.get("chunks")
     if not isinstance(chunks, list):
@@ -593,6 +613,12 @@ def validate_manifest(m: object, version_id: int) -> dict[str, Any]:
         spans = t.get("spans")
         if not isinstance(spans, list):
             raise ReaderError(f"tensor {t['path']!r}: spans must be a list")
+        if "dropped" in t:  # 7.2, 7.7
+            if not slim or t["dropped"] is not True:
+                raise ReaderError(f"tensor {t['path']!r}: dropped is true, in format 3 only")
+            if spans:
+                raise ReaderError(f"tensor {t['path']!r}: a dropped tensor has spans")
+            continue
         total = 0
         for s in spans:
             if not isinstance(s, list) or len(s) != 3:
@@ -609,7 +635,54 @@ def validate_manifest(m: object, version_id: int) -> dict[str, Any]:
     if not isinstance(m.get("tree"), dict):
         raise ReaderError("tree must be an object")
     _check_tree(m["tree"], len(tensors))
+    if slim:
+        _check_slimmed(m)
     return m
+
+
+def _data_nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, int]]:
+    """(leaf path, tensor index) of every tensor and view node (7.4 paths)."""
+    t = node["t"]
+    if t in ("tensor", "view"):
+        return [(path, node["i"])]
+    out: list[tuple[str, int]] = []
+    if t == "dict":
+        children = zip(node["k"], node["v"], strict=True)
+    elif t in ("list", "tuple"):
+        children = enumerate(node["v"])
+    else:
+        return out
+    for key, child in children:
+        part = str(key).replace("~", "~0").replace("/", "~1")
+        out += _data_nodes(child, f"{path}/{part}" if path else part)
+    return out
+
+
+def _check_slimmed(m: dict[str, Any]) -> None:
+    """The rules of 7.7 for the ``slimmed`` record and the dropped entries."""
+    record = m["slimmed"]
+    if not isinstance(record, dict) or sorted(record) != ["dropped", "patterns"]:
+        raise ReaderError("slimmed must hold exactly patterns and dropped")
+    patterns, listed = record["patterns"], record["dropped"]
+    for name, values in (("patterns", patterns), ("dropped", listed)):
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(x, str) for x in values)
+            or len(set(values)) != len(values)
+        ):
+            raise ReaderError(f"slimmed {name} must be a non-empty list of distinct strings")
+    if not all(patterns):
+        raise ReaderError("slimmed patterns must not be empty strings")
+    nodes = _data_nodes(m["tree"])
+    dropped = {i for i, t in enumerate(m["tensors"]) if t.get("dropped")}
+    if not dropped <= {i for _, i in nodes}:
+        raise ReaderError("a dropped tensor is referenced by no tree node")
+    if sorted(p for p, i in nodes if i in dropped) != sorted(listed):
+        raise ReaderError("slimmed dropped does not name the nodes of the dropped tensors")
+    for path in listed:
+        if not any(fnmatch.fnmatchcase(path, p) for p in patterns):
+            raise ReaderError(f"dropped leaf {path!r} matches no pattern")
 
 
 def read_manifest(root: str | os.PathLike[str], version_id: int) -> dict[str, Any]:
@@ -643,6 +716,8 @@ def _build(node: dict[str, Any], tensors: list[Any]) -> Any:
         return tensors[node["i"]]
     if t == "view":  # section 7.4: strided elements of a 1-D base
         base = tensors[node["i"]]
+        if base is DROPPED:
+            return DROPPED
         shape, stride, offset = node["shape"], node["stride"], node["offset"]
         if 0 not in shape:
             last = offset + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
@@ -674,7 +749,7 @@ def read_version(root: str | os.PathLike[str], version_id: int) -> tuple[Any, di
     Returns ``(tree, manifest)``. Every chunk, and every base of a delta
     chunk, is decoded once and verified against its BLAKE3 name; tensors are
     numpy arrays in native byte order, ``"scalar": true`` tensors numpy
-    scalars.
+    scalars, the leaves of ``"dropped"`` tensors (7.7) :data:`DROPPED`.
 
     Raises:
         ReaderError: anything that violates docs/format.md.
@@ -684,6 +759,9 @@ def read_version(root: str | os.PathLike[str], version_id: int) -> tuple[Any, di
     raw_cache: dict[int, tuple[bytes, int]] = {}  # table index -> (raw bytes, depth)
     tensors: list[Any] = []
     for t in m["tensors"]:
+        if t.get("dropped"):  # 7.7: no bytes to read
+            tensors.append(DROPPED)
+            continue
         dt = dtype_of(t["dtype"])
         buf = bytearray()
         for ci, off, ln in t["spans"]:

@@ -112,6 +112,32 @@ def test_gc_keep_best_uses_metric_and_mode(
     assert data["versions"] == [2, 3, 4] and ids(store) == [1, 5]
 
 
+def test_gc_keep_every_seconds_and_without_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = plain_store(tmp_path / "s")  # saved within a second of each other
+    data = ckpt_json(capsys, "gc", store.root, "--keep-every-seconds", "3600", "-n")
+    assert data["versions"] == [2, 3, 4]  # 1: the first of the hour; 5: the latest
+    assert data["kept"]["1"] == ["every 3600 s"]
+    assert data["rules"]["every_seconds"] == 3600
+    data = ckpt_json(capsys, "gc", store.root, "--keep-every-seconds", "0.000001", "-n")
+    assert data["versions"] == []  # every version is a microsecond after the previous one
+    code, _, err = ckpt_main(capsys, "gc", store.root, "--keep-without-metrics", "-n")
+    assert code == 2
+    assert_one_line_error(err, "--keep-without-metrics needs --keep-best")
+    r = ckpt_run("gc", store.root, "--keep-every-seconds", "-5")
+    assert r.returncode == 2 and "positive number of seconds" in r.stderr
+
+    mixed = ckpt.Store(tmp_path / "m", durable=False)
+    for i, loss in enumerate([0.5, None, 0.2, None, 0.9]):
+        mixed.save({"w": np.full(10, i)}, metrics=None if loss is None else {"loss": loss})
+    args = ("gc", mixed.root, "--keep-best", "1", "--metric", "loss", "-n")
+    assert ckpt_json(capsys, *args)["versions"] == [1, 2, 4]
+    data = ckpt_json(capsys, *args, "--keep-without-metrics")
+    assert data["versions"] == [1] and data["kept"]["2"] == data["kept"]["4"] == ["no metric"]
+    assert data["rules"]["without_metrics"] is True
+
+
 def test_gc_without_rules_sweeps_unreferenced_chunks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,6 +38,8 @@ FUZZ = settings(
 
 #: What a load of a hostile manifest may raise.
 ALLOWED = (ckpt.FormatError, ckpt.IntegrityError, ckpt.UnsafeLoadError, ckpt.VersionNotFoundError)
+#: ... and of a slimmed one (manifest format 3), whose dropped leaves are refused.
+ALLOWED_SLIM = (*ALLOWED, ckpt.SlimmedError)
 
 json_scalars = st.one_of(
     st.none(),
@@ -104,12 +106,34 @@ def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
     return copy
 
 
-def load_outcome(root: Path, data: bytes) -> None:
+@pytest.fixture(scope="module")
+def slim_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A slimmed version (format 3): "opt/*" dropped, "w" and "b" kept."""
+    root = tmp_path_factory.mktemp("fuzz-slim") / "store"
+    store = ckpt.Store(root, chunk_size=4096, small_threshold=1024, durable=False)
+    for i in range(2):
+        store.save(
+            {
+                "w": np.arange(3000, dtype=np.float32) + i,
+                "b": np.arange(5, dtype=np.int64),
+                "opt": {"m": np.full(2000, i, np.float32), "n": 3},
+            }
+        )
+    result = store.apply_retention(ckpt.Keep(subtrees={"opt/*": ckpt.Keep(last=1)}))
+    assert result.slimmed == (1,)
+    store.delete(2)  # the fuzzed version alone, as in the other store
+    m = json.loads(Path(root, "versions", "000000000001.json").read_bytes())
+    assert m["version"] == 3
+    del m["checksum"]
+    return root, m
+
+
+def load_outcome(root: Path, data: bytes, allowed: tuple[type[Exception], ...] = ALLOWED) -> None:
     Path(root, "versions", "000000000001.json").write_bytes(data)
     store = ckpt.Store(root, durable=False)
-    with contextlib.suppress(ALLOWED):
+    with contextlib.suppress(allowed):
         store.load(1)
-    with contextlib.suppress(ALLOWED):
+    with contextlib.suppress(allowed):
         store.load(1, only="w")
     report = store.verify()  # never raises for damage
     assert [r.version for r in report] in ([1], [])
@@ -137,6 +161,23 @@ def test_mutated_manifests_parse_and_load_or_fail_cleanly(
     with contextlib.suppress(ckpt.FormatError):
         parse_manifest(sealed, "version 1")
     load_outcome(root, sealed)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_slimmed_manifests_parse_and_load_or_fail_cleanly(
+    slim_base: tuple[Path, dict[str, Any]], data: st.DataObject
+) -> None:
+    root, m = slim_base
+    mutated: Any = m
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(paths_of(mutated)))
+        mutated = replaced(mutated, where, data.draw(json_values))
+    body = json.dumps(mutated, separators=(",", ":")).encode()
+    sealed = seal_manifest(body) if body.startswith(b"{") and body != b"{}" else body
+    with contextlib.suppress(ckpt.FormatError):
+        parse_manifest(sealed, "version 1")
+    load_outcome(root, sealed, ALLOWED_SLIM)
 
 
 @FUZZ
@@ -174,4 +215,4 @@ def test_byte_level_mutations_of_a_sealed_manifest(
 
 
 def test_record_the_fuzz_settings() -> None:
-    record("test_fuzz_manifest", "examples per fuzzer (3 fuzzers)", EXAMPLES)
+    record("test_fuzz_manifest", "examples per fuzzer (4 fuzzers)", EXAMPLES)

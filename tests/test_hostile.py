@@ -263,8 +263,9 @@ RAW_CASES: dict[str, tuple[Callable[[Path], bytes | None], str]] = {
         lambda r: pickle.dumps(Sneaky(str(r.parent / "outside" / "pwned-manifest"))),
         "FormatError",
     ),
+    # format 3 is a slimmed version (docs/format.md 7.7): 4 is the first this ckpt does not read
     "manifest-of-a-newer-format": (
-        lambda r: seal_manifest(b'{"format":"ckpt-manifest","version":3,"id":1}'),
+        lambda r: seal_manifest(b'{"format":"ckpt-manifest","version":4,"id":1}'),
         "FormatError",
     ),
 }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 import ckpt
 from ckpt.index import Version
-from ckpt.retention import best_of, ranked
+from ckpt.retention import best_of, plan_retention, ranked
 
 
 def fill(store: ckpt.Store, losses: list[float], shared: bool = False) -> None:
@@ -102,3 +104,160 @@ def test_best_of_is_the_first_of_ranked(values: list[object], mode: str, shuffle
     order = ranked(versions, "m", mode)
     assert best_of(versions, "m", mode) is (order[0] if order else None)
     assert best_of(versions, None, mode) is None
+
+
+# ------------------------------------------------------------ time-based retention
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def at(vid: int, minutes: float, loss: float | None = None, step: int | None = None) -> Version:
+    metrics = {} if loss is None else {"loss": loss}
+    return Version(vid, step, None, metrics, {}, T0 + timedelta(minutes=minutes), 0, 0)
+
+
+def test_every_seconds_keeps_one_version_per_interval_since_the_previous_kept() -> None:
+    # minutes: 0, 20, 50, 61, 100, 115, 125, 190
+    versions = [at(i + 1, m) for i, m in enumerate([0, 20, 50, 61, 100, 115, 125, 190])]
+    plan = plan_retention(
+        versions, ckpt.Keep(every_seconds=3600), monitor=None, mode="min", pinned=set()
+    )
+    kept = {vid for vid, why in plan.reasons.items() if "every 3600 s" in why}
+    # 0 kept; 61 is the first >= 60 min after it; then 125 (>= 121); then 190 (>= 185)
+    assert kept == {1, 4, 7, 8}
+    assert plan.reasons[8] == ("latest", "every 3600 s") and plan.delete == (2, 3, 5, 6)
+    # a timedelta is the same rule; exactly the interval counts as passed
+    same = ckpt.Keep(every_seconds=timedelta(hours=1))
+    assert same == ckpt.Keep(every_seconds=3600) and same.to_dict()["every_seconds"] == 3600
+    exact = [at(1, 0), at(2, 60), at(3, 119.99), at(4, 120)]
+    plan = plan_retention(exact, same, monitor=None, mode="min", pinned=set())
+    assert plan.delete == (3,)
+    # the walk is by creation time, not by id (a clock that went back: ties and order by time)
+    shuffled = [at(1, 50), at(2, 0), at(3, 130), at(4, 65)]
+    plan = plan_retention(shuffled, same, monitor=None, mode="min", pinned=set())
+    assert {v for v, why in plan.reasons.items() if "every 3600 s" in why} == {2, 4, 3}
+
+
+def test_deleting_what_every_seconds_drops_does_not_change_what_it_keeps() -> None:
+    versions = [at(i + 1, 7 * i) for i in range(40)]
+    keep = ckpt.Keep(every_seconds=1800, last=2)
+    plan = plan_retention(versions, keep, monitor=None, mode="min", pinned=set())
+    survivors = [v for v in versions if plan.reasons[v.id]]
+    again = plan_retention(survivors, keep, monitor=None, mode="min", pinned=set())
+    assert again.delete == () and dict(again.reasons) == {
+        v.id: plan.reasons[v.id] for v in survivors
+    }
+
+
+class _Clock(datetime):
+    """``datetime`` whose ``now()`` walks a script of times (for Store.save's created)."""
+
+    script: ClassVar[list[datetime]] = []
+
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return cls.script.pop(0)
+
+
+def test_every_seconds_on_a_store(store: ckpt.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt.store as store_module
+
+    minutes = [0, 30, 59, 60, 90, 150]
+    _Clock.script = [T0 + timedelta(minutes=m) for m in minutes]
+    monkeypatch.setattr(store_module, "datetime", _Clock)
+    for i in range(len(minutes)):
+        store.save({"x": np.full(10, i)}, step=i)
+    monkeypatch.undo()
+    assert [v.created for v in store.versions()] == [T0 + timedelta(minutes=m) for m in minutes]
+    result = store.apply_retention(ckpt.Keep(every_seconds=3600))
+    assert result.deleted == (2, 3, 5)
+    assert result.kept[4] == ("every 3600 s",) and result.kept[6] == ("latest", "every 3600 s")
+    assert [v.id for v in store.versions()] == [1, 4, 6]
+
+
+# ------------------------------------------------------------ without_metrics
+def test_without_metrics_keeps_versions_lacking_the_metric_when_best_is_set() -> None:
+    versions = [
+        at(1, 0, 0.5),
+        at(2, 1),
+        at(3, 2, math.nan),
+        at(4, 3, 0.4),
+        at(5, 4, 0.9),
+        at(6, 5),
+        at(7, 6, 0.8),
+    ]
+    without = ckpt.Keep(best=1, without_metrics=True)
+    plan = plan_retention(versions, without, monitor="loss", mode="min", pinned=set())
+    assert plan.reasons[2] == plan.reasons[3] == plan.reasons[6] == ("no metric",)
+    assert plan.reasons[4] == ("best", "best 1 by loss")
+    assert plan.delete == (1, 5)
+    default = plan_retention(versions, ckpt.Keep(best=1), monitor="loss", mode="min", pinned=set())
+    assert default.delete == (1, 2, 3, 5, 6)  # ckpt's default: False
+    # no monitor: best keeps nothing and neither does without_metrics
+    plan = plan_retention(versions, without, monitor=None, mode="min", pinned=set())
+    assert plan.delete == (1, 2, 3, 4, 5, 6)
+
+
+def test_without_metrics_on_a_store(store: ckpt.Store) -> None:
+    for i, loss in enumerate([0.5, None, 0.3, None, 0.7]):
+        store.save({"x": np.full(10, i)}, metrics=None if loss is None else {"loss": loss})
+    keep = ckpt.Keep(best=1, without_metrics=True)
+    result = store.apply_retention(keep, monitor="loss", mode="min")
+    assert result.deleted == (1,)
+    assert result.kept[2] == result.kept[4] == ("no metric",)
+
+
+# ------------------------------------------------------------ Keep as data
+def test_keep_round_trips_through_its_dict() -> None:
+    keep = ckpt.Keep(
+        last=5,
+        best=2,
+        every_seconds=90.5,
+        without_metrics=True,
+        subtrees={
+            "optimizer/**": ckpt.Keep(last=1, every_seconds=timedelta(days=1)),
+            "ema/*": ckpt.Keep(best=1, without_metrics=True),
+        },
+    )
+    d = keep.to_dict()
+    assert d["subtrees"]["optimizer/**"]["every_seconds"] == 86400
+    assert json.loads(json.dumps(d)) == d
+    assert ckpt.Keep.from_dict(json.loads(json.dumps(d))) == keep
+    assert hash(ckpt.Keep.from_dict(d)) == hash(keep)
+    # a policy without the new rules is recorded as before, and old dicts parse
+    old = {"last": 3, "best": None, "every_n_steps": 10, "max_bytes": None}
+    assert ckpt.Keep(last=3, every_n_steps=10).to_dict() == old
+    assert ckpt.Keep.from_dict(old) == ckpt.Keep(last=3, every_n_steps=10)
+    assert keep.describe("loss") == "last 5 or best 2 by loss or no metric or every 90.5 s"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_seconds": 0}, "every_seconds"),
+        ({"every_seconds": -1.0}, "every_seconds"),
+        ({"every_seconds": math.inf}, "every_seconds"),
+        ({"every_seconds": True}, "every_seconds"),
+        ({"every_seconds": timedelta(0)}, "every_seconds"),
+        ({"every_seconds": "3600"}, "every_seconds"),
+        ({"without_metrics": True}, "only means something with best"),
+        ({"best": 1, "without_metrics": 1}, "must be a bool"),
+        ({"subtrees": {"a/**": {"last": 1}}}, "not a Keep"),
+        ({"subtrees": {"": ckpt.Keep(last=1)}}, "is not a glob"),
+        ({"subtrees": ["a/**"]}, "must map glob patterns"),
+        ({"subtrees": {"a/**": ckpt.Keep(max_bytes=10)}}, "may not have subtrees or max_bytes"),
+        (
+            {"subtrees": {"a/**": ckpt.Keep(subtrees={"b": ckpt.Keep(last=1)})}},
+            "may not have subtrees",
+        ),
+    ],
+)
+def test_keep_refuses_malformed_new_rules(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ckpt.Keep(**kwargs)
+
+
+def test_a_recorded_policy_with_a_malformed_subtree_is_refused() -> None:
+    with pytest.raises(ValueError, match="subtrees"):
+        ckpt.Keep.from_dict({"last": 1, "subtrees": {"a/**": 3}})
+    with pytest.raises(ValueError, match="subtrees"):
+        ckpt.Keep.from_dict({"last": 1, "subtrees": ["a/**"]})

@@ -19,6 +19,7 @@ __all__ = [
     "IntegrityError",
     "MissingMetricError",
     "MissingObjectError",
+    "SlimmedError",
     "StepExistsError",
     "StepOrderError",
     "StoreFullError",
@@ -156,3 +157,39 @@ class MissingMetricError(CheckpointError, KeyError):
 
 class UnsafeLoadError(CheckpointError):
     """Loading would unpickle objects (run code) and ``allow_pickle`` was not given."""
+
+
+class SlimmedError(CheckpointError, KeyError):
+    """The leaves asked for were dropped from the version by retention (``Keep(subtrees=...)``).
+
+    A ``KeyError``, like a missing version: the leaves are not there to be
+    read. The message names the version, the dropped patterns, the newest
+    version that still holds those leaves (if any) and an ``only=`` that
+    loads what the version keeps.
+
+    Attributes:
+        version: id of the slimmed version.
+        patterns: the retention patterns that dropped the wanted leaves.
+        paths: the wanted leaf paths that were dropped.
+        holder: id of the newest version that still holds them, or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        version: int,
+        patterns: tuple[str, ...] = (),
+        paths: tuple[str, ...] = (),
+        holder: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.version = version
+        self.patterns = patterns
+        self.paths = paths
+        self.holder = holder
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; show the message as written.
+        return self.message

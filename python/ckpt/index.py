@@ -2,9 +2,12 @@
 
 A version exists exactly when its manifest ``versions/<12-digit id>.json`` is
 in the store (docs/format.md, "Manifest" and "Commit protocol"). Manifests are
-immutable. The listing cache ``cache/versions.jsonl`` holds one summary line
-per version; it is derived, checked against the directory listing on every
-read, and rebuilt from manifests when missing or stale. A writer finds the
+never modified, with one exception: retention may replace a version's
+manifest by a slimmed one (format 3, same id; docs/format.md 7.7). The
+listing cache ``cache/versions.jsonl`` holds one summary line per version (the
+last line of an id wins: a slimmed version's line is appended before its
+manifest is replaced); it is derived, checked against the directory listing
+on every read, and rebuilt from manifests when missing or stale. A writer finds the
 next version id without listing ``versions/`` while nothing has changed since
 its last look (:meth:`ListingCache.next_id`).
 """
@@ -42,11 +45,18 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "ckpt-manifest"
-MANIFEST_VERSION = 2
+#: The newest manifest format this release reads.
+MANIFEST_VERSION = 3
 #: Manifests without delta chunks are written as format 1 (readable by older
 #: releases); format 2 adds a fourth field to delta chunk entries: the index
 #: of the chunk's base in the same table.
 MANIFEST_VERSION_PLAIN = 1
+MANIFEST_VERSION_DELTA = 2
+#: A version slimmed by retention (``Keep(subtrees=...)``): some tensor entries
+#: are ``"dropped"`` and a top-level ``"slimmed"`` record says which; chunk
+#: entries as in format 2. Older releases refuse it as newer instead of
+#: misreading a dropped tensor.
+MANIFEST_VERSION_SLIM = 3
 #: A manifest larger than this is refused before it is parsed.
 MAX_MANIFEST_BYTES = 256 << 20
 #: Most tensors one version may hold.
@@ -168,6 +178,10 @@ class Version:
         n_tensors: number of tensor leaves.
         trainer: the trainer state recorded with the version (a read-only
             mapping; ``dict(v.trainer)`` for a dict).
+        slimmed: the ``Keep(subtrees=...)`` patterns whose leaves retention
+            dropped from this version (empty for a full version). A slimmed
+            version loads only with ``only=`` patterns that avoid them; a
+            resume should pick the newest version with ``not v.slimmed``.
     """
 
     id: int
@@ -181,6 +195,7 @@ class Version:
     parent: int | None = None
     n_tensors: int = 0
     trainer: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    slimmed: tuple[str, ...] = ()
 
     def summary(self, *, with_trainer: bool = True) -> dict[str, Any]:
         """The version's fields in JSON form, as the listing cache holds them."""
@@ -195,6 +210,7 @@ class Version:
             "new_bytes": self.new_bytes,
             "parent": self.parent,
             "n_tensors": self.n_tensors,
+            "slimmed": list(self.slimmed),
         }
         if with_trainer:
             out["trainer"] = dict(self.trainer)
@@ -214,6 +230,7 @@ class Version:
         parent: Any,
         n_tensors: Any,
         trainer: Any,
+        slimmed: Any = (),
     ) -> Version | None:
         """The Version of fields that have their plain types, else None.
 
@@ -243,6 +260,7 @@ class Version:
             and type(metrics) is dict
             and type(meta) is dict
             and (type(trainer) is _CachedTrainer or type(trainer) is dict)
+            and (slimmed == () or _patterns(slimmed) is not None)
         ):
             return None
         for value in metrics.values():
@@ -262,6 +280,7 @@ class Version:
             parent=parent,
             n_tensors=n_tensors,
             trainer=trainer,
+            slimmed=slimmed if slimmed == () else _patterns(slimmed),
         )
         return v
 
@@ -276,9 +295,14 @@ class Version:
         vid, step, epoch, parent = d["id"], get("step"), get("epoch"), get("parent")
         raw_bytes, new_bytes, n_tensors = get("raw_bytes"), get("new_bytes"), get("n_tensors")
         metrics, meta, trainer = get("metrics", {}), get("meta", {}), get("trainer", {})
+        slimmed = get("slimmed", ())
+        if isinstance(slimmed, dict):  # a manifest's record (a summary holds the patterns)
+            slimmed = slimmed.get("patterns")
+        if slimmed != () and _patterns(slimmed) is None:
+            raise ValueError(f"slimmed must be a list of distinct patterns, got {slimmed!r}")
         plain = cls._plain(
             vid, step, epoch, metrics, meta, d["created"], raw_bytes, new_bytes, parent,
-            n_tensors, trainer,
+            n_tensors, trainer, slimmed,
         )  # fmt: skip
         if plain is not None:
             return plain
@@ -302,7 +326,17 @@ class Version:
             parent=None if parent is None else _int(parent, "parent"),
             n_tensors=_int(n_tensors, "n_tensors"),
             trainer=trainer,
+            slimmed=() if slimmed == () else _patterns(slimmed) or (),
         )
+
+
+def _patterns(value: object) -> tuple[str, ...] | None:
+    """``value`` as a tuple of distinct non-empty strings (a list or a tuple of them), else None."""
+    if type(value) is not list and type(value) is not tuple:
+        return None
+    if not all(type(p) is str and p for p in value) or len(set(value)) != len(value):
+        return None
+    return tuple(value)
 
 
 class _CachedTrainer(Mapping[str, Any]):
@@ -446,9 +480,14 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     _check_seal(data, m, where)
     if m.get("format") != MANIFEST_FORMAT:
         raise FormatError(f"{where}: not a ckpt manifest")
-    if v not in (MANIFEST_VERSION_PLAIN, MANIFEST_VERSION):
+    if v not in (MANIFEST_VERSION_PLAIN, MANIFEST_VERSION_DELTA, MANIFEST_VERSION_SLIM):
         raise FormatError(f"{where}: unknown manifest format version {v!r}")
     try:
+        slim = v == MANIFEST_VERSION_SLIM
+        if slim:
+            record = _check_slimmed(m.get("slimmed"))
+        elif "slimmed" in m:
+            raise ValueError(f"slimmed is a field of manifest format 3, not {v}")
         Version.from_summary(m)
         chunks = m["chunks"]
         if not isinstance(chunks, list):
@@ -475,7 +514,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
             raise ValueError("tensors must be a list of at most 10M entries")
         paths: set[str] = set()
         for t in tensors:
-            _check_tensor(t, chunks, DTYPE_NAMES, itemsize_of)
+            _check_tensor(t, chunks, DTYPE_NAMES, itemsize_of, slim=slim)
             if t["path"] in paths:
                 raise ValueError(f"tensor path {t['path']!r} appears twice")
             paths.add(t["path"])
@@ -492,17 +531,72 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
                 raise ValueError(f"tree leaf {path!r} reuses tensor {index}")
             else:
                 leaves.add(index)
+        if slim:
+            _check_dropped(m["tree"], tensors, record)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{where}: malformed manifest: {exc}") from None
     return m
 
 
-def _check_tensor(t: object, chunks: list[Any], names: tuple[str, ...], itemsize_of: Any) -> None:
+def _check_slimmed(record: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The ``slimmed`` record of a format-3 manifest: (patterns, dropped leaf paths)."""
+    if not isinstance(record, dict) or set(record) != {"patterns", "dropped"}:
+        raise ValueError("slimmed must be an object of exactly patterns and dropped")
+    patterns, dropped = _patterns(record["patterns"]), record["dropped"]
+    if type(record["patterns"]) is not list or not patterns:
+        raise ValueError("slimmed patterns must be a non-empty list of distinct globs")
+    if (
+        type(dropped) is not list
+        or not dropped
+        or not all(type(p) is str for p in dropped)
+        or len(set(dropped)) != len(dropped)
+    ):
+        raise ValueError("slimmed dropped must be a non-empty list of distinct leaf paths")
+    return patterns, tuple(dropped)
+
+
+def _check_dropped(
+    tree: object, tensors: list[Any], record: tuple[tuple[str, ...], tuple[str, ...]]
+) -> None:
+    """The dropped entries of a format-3 manifest are exactly those of the
+    recorded leaf paths, and each path matches a recorded pattern."""
+    import fnmatch
+
+    from .tree import iter_data_nodes
+
+    patterns, dropped = record
+    by_entry: dict[int, list[str]] = {}
+    for path, node in iter_data_nodes(tree):
+        by_entry.setdefault(node["i"], []).append(path)
+    found: list[str] = []
+    for i, t in enumerate(tensors):
+        if t.get("dropped"):
+            if i not in by_entry:
+                raise ValueError(f"dropped tensor {t['path']!r} is no leaf of the tree")
+            found += by_entry[i]
+    if sorted(found) != sorted(dropped):
+        raise ValueError("slimmed dropped does not list the leaves of the dropped tensors")
+    for path in dropped:
+        if not any(fnmatch.fnmatchcase(path, p) for p in patterns):
+            raise ValueError(f"dropped leaf {path!r} matches no slimmed pattern")
+
+
+def _check_tensor(
+    t: object,
+    chunks: list[Any],
+    names: tuple[str, ...],
+    itemsize_of: Any,
+    *,
+    slim: bool = False,
+) -> None:
     if not isinstance(t, dict):
         raise ValueError("tensor entry must be an object")
     path = t.get("path")
     if not isinstance(path, str):
         raise ValueError("tensor path must be a string")
+    dropped = "dropped" in t
+    if dropped and (not slim or t["dropped"] is not True):
+        raise ValueError(f"tensor {path!r}: dropped must be true, in manifest format 3 only")
     if t.get("dtype") not in names:
         raise ValueError(f"tensor {path!r}: unknown dtype {t.get('dtype')!r}")
     shape = t.get("shape")
@@ -519,6 +613,10 @@ def _check_tensor(t: object, chunks: list[Any], names: tuple[str, ...], itemsize
     spans = t.get("spans")
     if not isinstance(spans, list):
         raise ValueError(f"tensor {path!r}: spans must be a list")
+    if dropped:
+        if spans:
+            raise ValueError(f"tensor {path!r}: a dropped tensor has no spans")
+        return
     total = 0
     for s in spans:
         if not isinstance(s, list) or len(s) != 3:
@@ -706,6 +804,8 @@ class ListingCache:
                 if tail is None:  # an older writer's line
                     v = Version.from_summary(record)
                 else:
+                    # a slimmed version's line has its patterns before the trainer's length
+                    slimmed = record.pop(10) if len(record) == 12 and record[10] else ()
                     vid, step, epoch, metrics, meta, created, raw, new, parent, n, size = record
                     # the length tells a whole line from a torn one that a later append continued
                     if size != len(tail) or tail[:1] != b"{" or tail[-1:] != b"}":
@@ -713,8 +813,9 @@ class ListingCache:
                     trainer = _CachedTrainer(tail, versions_dir, vid)
                     # every field of an array line has its plain type, or the line is damaged
                     found = plain(
-                        vid, step, epoch, metrics, meta, created, raw, new, parent, n, trainer
-                    )
+                        vid, step, epoch, metrics, meta, created, raw, new, parent, n, trainer,
+                        slimmed,
+                    )  # fmt: skip
                     if found is None:
                         continue
                     v = found
@@ -777,6 +878,8 @@ def _cache_line(version: Version) -> bytes:
     else:
         trainer = json.dumps(dict(cached), separators=(",", ":"), allow_nan=False).encode()
     row = [summary[k] for k in _CACHE_FIELDS]
+    if version.slimmed:  # lines of full versions stay as older releases write and read them
+        row.append(list(version.slimmed))
     row.append(len(trainer))
     head = json.dumps(row, separators=(",", ":"), allow_nan=False).encode()
     return head + b"\t" + trainer + b"\n"

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -46,6 +46,7 @@ from .errors import (
     CheckpointError,
     FormatError,
     IntegrityError,
+    SlimmedError,
     StoreFullError,
     StoreLockedError,
     StoreNotFoundError,
@@ -55,8 +56,9 @@ from .errors import (
 )
 from .history import HistoryEntry, append_history, read_history
 from .index import (
-    MANIFEST_VERSION,
+    MANIFEST_VERSION_DELTA,
     MANIFEST_VERSION_PLAIN,
+    MANIFEST_VERSION_SLIM,
     MAX_MANIFEST_BYTES,
     ListingCache,
     Version,
@@ -69,6 +71,7 @@ from .index import (
     version_id_of,
 )
 from .retention import Keep, Plan, best_of, plan_retention
+from .slim import dropped_entries, leaf_users, only_hint, slim_manifest
 from .tree import Leaf, LeafHook, Opaque, View, flatten, iter_data_nodes, unflatten
 
 if TYPE_CHECKING:  # numpy is imported where it is used: `import ckpt` and `ckpt ls`
@@ -187,11 +190,20 @@ class GcResult:
 
 @dataclass(frozen=True)
 class RetentionResult:
-    """Outcome of applying a retention policy."""
+    """Outcome of applying a retention policy.
+
+    Attributes:
+        deleted: ids of the versions deleted (or that would be, dry run).
+        freed_bytes: stored bytes freed by deleting and slimming.
+        kept: per version, why it is kept (:meth:`Store.explain`).
+        slimmed: ids of the versions this pass slimmed (or would slim):
+            those that lost leaves now, not those slimmed before.
+    """
 
     deleted: tuple[int, ...]
     freed_bytes: int
     kept: dict[int, tuple[str, ...]]
+    slimmed: tuple[int, ...] = ()
 
 
 class SaveHandle:
@@ -296,7 +308,11 @@ class Store:
         self._given = (chunk_size, small_threshold)
         self._apply_marker(self._open(create, chunk_size, small_threshold))
         self._cache = ListingCache(self.root)
-        self._chunk_maps: dict[int, dict[str, int]] = {}
+        #: per version: (its manifest's stamp, its chunks); see chunk_map
+        self._chunk_maps: dict[int, tuple[tuple[int, ...], dict[str, int]]] = {}
+        #: per version: (its manifest's stamp, subtrees patterns it needs no
+        #: slimming for); apply_retention reads a manifest to slim it only once
+        self._slim_done: dict[int, tuple[tuple[int, ...], frozenset[str]]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._pending: SaveHandle | None = None
 
@@ -833,7 +849,9 @@ class Store:
             manifest = {
                 "format": "ckpt-manifest",
                 "version": (
-                    MANIFEST_VERSION if any(len(c) == 4 for c in table) else MANIFEST_VERSION_PLAIN
+                    MANIFEST_VERSION_DELTA
+                    if any(len(c) == 4 for c in table)
+                    else MANIFEST_VERSION_PLAIN
                 ),
                 "id": new_id,
                 "parent": parent,
@@ -1211,6 +1229,9 @@ class Store:
             FormatError: the manifest or a chunk header is malformed.
             UnsafeLoadError: the version holds pickled objects and
                 ``allow_pickle`` is False.
+            SlimmedError: retention dropped some of the wanted leaves from the
+                version (``Keep(subtrees=...)``); the message names the newest
+                version that still holds them and an ``only=`` for the rest.
         """
         import numpy as np
 
@@ -1231,6 +1252,9 @@ class Store:
                 " loading them runs code: pass allow_pickle=True only for a store you trust"
             )
         wanted = {n["i"] for _, n in nodes}
+        gone = dropped_entries(m) & wanted if m["version"] == MANIFEST_VERSION_SLIM else set()
+        if gone:
+            raise self._slimmed_error(vid, m, gone)
         tensors = m["tensors"]
         self._probe(vid, m, wanted)  # before allocating or overwriting anything
         reuse: dict[str, Any] = {}
@@ -1355,11 +1379,15 @@ class Store:
             IntegrityError: a chunk is damaged or missing (the message names
                 the version, the tensors and the chunk).
             FormatError: a chunk header or the manifest's tables are malformed.
+            SlimmedError: an entry was dropped by retention (it has no bytes).
         """
         import numpy as np
 
         tensors = manifest["tensors"]
         indices = list(indices)
+        gone = {i for i in indices if tensors[i].get("dropped")}
+        if gone:
+            raise self._slimmed_error(int(manifest["id"]), manifest, gone)
         self._probe(int(manifest["id"]), manifest, indices)
         views = {i: np.empty(int(tensors[i]["nbytes"]), np.uint8) for i in indices}
         if views:
@@ -1540,12 +1568,34 @@ class Store:
         return GcResult(len(garbage), freed, len(objects) - len(garbage), missing)
 
     # --------------------------------------------------------------- retention
+    def _stamp(self, vid: int) -> tuple[int, ...]:
+        """What changes when a version's manifest is rewritten (slimmed): its
+        inode (a rewrite renames a new file into place), mtime and size.
+
+        Raises:
+            VersionNotFoundError: no such version.
+        """
+        try:
+            st = os.lstat(self._p("versions", manifest_name(vid)))
+        except FileNotFoundError:
+            raise VersionNotFoundError(f"version {vid} is not in {self.root}") from None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def chunk_map(self, version: int | Version | str) -> dict[str, int]:
-        """The chunks of a version: id -> stored bytes (cached; manifests are immutable)."""
-        vid = self.resolve(version)
-        if vid not in self._chunk_maps:
-            self._chunk_maps[vid] = {c[0]: c[2] for c in self.manifest(vid)["chunks"]}
-        return self._chunk_maps[vid]
+        """The chunks of a version: id -> stored bytes.
+
+        Cached per Store object, checked against the manifest's inode, mtime
+        and size (one ``lstat``): a manifest changes only when retention
+        slims it, and then in place of the old file.
+        """
+        vid = version if type(version) is int else self.resolve(version)
+        stamp = self._stamp(vid)
+        cached = self._chunk_maps.get(vid)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        chunks = {c[0]: c[2] for c in self.manifest(vid)["chunks"]}
+        self._chunk_maps[vid] = (stamp, chunks)
+        return chunks
 
     def policy(self) -> tuple[Keep | None, str | None, str]:
         """The retention policy, monitor and mode recorded by the manager in the latest version."""
@@ -1560,7 +1610,10 @@ class Store:
 
     def _plan(
         self, keep: Keep | None, monitor: str | None, mode: str | None, with_sizes: bool
-    ) -> tuple[list[Version], Plan]:
+    ) -> tuple[list[Version], Plan, dict[int, dict[str, Any]]]:
+        """The plan, and with ``with_sizes`` the slimmed manifests it asks for
+        (unsealed, by id: only the versions that lose leaves now) and the
+        bytes deleting and slimming free together."""
         recorded_keep, recorded_monitor, recorded_mode = self.policy()
         keep = keep if keep is not None else recorded_keep
         monitor = monitor if monitor is not None else recorded_monitor
@@ -1572,12 +1625,43 @@ class Store:
         plan = plan_retention(
             versions, keep, monitor=monitor, mode=mode, pinned=self.pinned(), chunks_of=sizes
         )
-        return versions, plan
+        rewrites: dict[int, dict[str, Any]] = {}
+        if not with_sizes or not plan.slim or sizes is None:
+            return versions, plan, rewrites
+        for vid, patterns in plan.slim.items():
+            stamp = self._stamp(vid)
+            done = self._slim_done.get(vid)
+            if done is not None and done[0] == stamp and done[1].issuperset(patterns):
+                continue
+            new = slim_manifest(self.manifest(vid), patterns)
+            if new is None:
+                self._slim_done[vid] = (stamp, frozenset(patterns))
+            else:
+                rewrites[vid] = new
+        if rewrites:
+            held: dict[str, int] = {}
+            for chunks in sizes.values():
+                held.update(chunks)
+            remaining: set[str] = set()
+            for vid, why in plan.reasons.items():
+                if why:
+                    remaining.update(
+                        (c[0] for c in rewrites[vid]["chunks"]) if vid in rewrites else sizes[vid]
+                    )
+            freed = sum(n for cid, n in held.items() if cid not in remaining)
+            plan = replace(plan, freed_bytes=freed)
+        return versions, plan, rewrites
 
     def explain(
         self, keep: Keep | None = None, *, monitor: str | None = None, mode: str | None = None
     ) -> dict[int, tuple[str, ...]]:
         """For each version, the rules that keep it (empty: retention would delete it).
+
+        A version that ``Keep(subtrees=...)`` slims has, after the rules that
+        keep it, ``"PATTERN dropped: not in RULES"`` per pattern it loses
+        (e.g. ``("last 5", "optimizer/** dropped: not in last 1")``), and
+        ``"PATTERN dropped earlier"`` for the leaves an earlier pass dropped
+        that the policy would keep now (slimming cannot be undone).
 
         Without arguments, uses the policy the manager recorded in the latest version.
         """
@@ -1591,30 +1675,52 @@ class Store:
         mode: str | None = None,
         dry_run: bool = False,
     ) -> RetentionResult:
-        """Deletes the versions no rule keeps, then the chunks only they used.
+        """Deletes the versions no rule keeps, slims the versions ``Keep(subtrees=...)``
+        slims, then deletes the chunks that no remaining version uses.
 
         Runs under the writer lock: manifests are deleted first (and the
-        directory fsynced), then chunks that no remaining version references.
-        The latest, the best and pinned versions are never deleted.
+        directory fsynced), then each slimmed version's manifest is rewritten
+        atomically under the same id (format 3: its dropped tensor entries
+        marked, its chunk table holding only what the remaining tensors and
+        their delta chains need; docs/format.md, 7.7), then chunks that no
+        remaining version references are deleted. The latest, the best and
+        pinned versions are never deleted nor slimmed.
+
+        The listing cache gets the slimmed version's line before its
+        manifest is rewritten, so that a listing never shows a slimmed
+        version as full (a crash in between lists a full version as
+        slimmed until the next pass slims it: the safe side for a resume).
+        A reader loading a slimmed version's dropped leaves at that moment
+        fails (a missing chunk) as one loading a deleted version does.
 
         Raises:
             FormatError: a manifest is unreadable; nothing is deleted.
         """
         with self._writer():
-            _, plan = self._plan(keep, monitor, mode, with_sizes=True)
-            if dry_run or not plan.delete:
-                return RetentionResult(plan.delete, plan.freed_bytes, dict(plan.reasons))
+            _, plan, rewrites = self._plan(keep, monitor, mode, with_sizes=True)
+            slimmed = tuple(sorted(rewrites))
+            if dry_run or not (plan.delete or rewrites):
+                return RetentionResult(plan.delete, plan.freed_bytes, dict(plan.reasons), slimmed)
             remaining: set[str] = set()
             for vid, why in plan.reasons.items():
                 if why:
-                    remaining.update(self.chunk_map(vid))
-            garbage = {c for vid in plan.delete for c in self.chunk_map(vid)} - remaining
+                    if vid in rewrites:
+                        remaining.update(c[0] for c in rewrites[vid]["chunks"])
+                    else:
+                        remaining.update(self.chunk_map(vid))
+            garbage = {
+                c for vid in (*plan.delete, *slimmed) for c in self.chunk_map(vid)
+            } - remaining
             newest = self._cache.newest_id()
-            for vid in plan.delete:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._p("versions", manifest_name(vid)))
-                self._chunk_maps.pop(vid, None)
-            self._fsync_dir(self._p("versions"))
+            if plan.delete:
+                for vid in plan.delete:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._p("versions", manifest_name(vid)))
+                    self._chunk_maps.pop(vid, None)
+                    self._slim_done.pop(vid, None)
+                self._fsync_dir(self._p("versions"))
+            for vid in slimmed:
+                self._rewrite_slimmed(vid, rewrites[vid], plan.slim[vid])
             if newest in plan.delete:
                 self._cache.forget()
             else:
@@ -1624,7 +1730,69 @@ class Store:
                 if garbage
                 else 0
             )
-            return RetentionResult(plan.delete, freed, dict(plan.reasons))
+            return RetentionResult(plan.delete, freed, dict(plan.reasons), slimmed)
+
+    def _rewrite_slimmed(self, vid: int, manifest: dict[str, Any], patterns: Sequence[str]) -> None:
+        """Commits a slimmed manifest in place of version ``vid``'s (under the writer lock)."""
+        data = seal_manifest(json.dumps(manifest, separators=(",", ":"), allow_nan=False).encode())
+        parse_manifest(data, f"version {vid}")  # never write what this reader would refuse
+        # the cache first: its last line of an id wins, and must not say "full" for a slimmed one
+        self._cache.append(Version.from_summary(manifest))
+        # _commit into versions/ never replaces a manifest (and takes a new one back when
+        # the directory fsync fails): write and fsync the new one in tmp/, then rename it
+        # over the old one and fsync versions/. A crash leaves the old manifest or the new
+        # one, both valid, and debris in tmp/ that the next writer sweeps; the caller
+        # deletes chunks only after this returned.
+        staged = f"{manifest_name(vid)}.slimmed"
+        self._commit("tmp", staged, data)
+        os.replace(self._p("tmp", staged), self._p("versions", manifest_name(vid)))
+        self._fsync_dir(self._p("versions"))
+        self._chunk_maps.pop(vid, None)
+        self._slim_done[vid] = (self._stamp(vid), frozenset(patterns))
+        if self._last_manifest is not None and self._last_manifest[0] == vid:
+            self._last_manifest = None
+
+    def _slimmed_error(self, vid: int, m: dict[str, Any], wanted: Iterable[int]) -> SlimmedError:
+        """The error for a load of the dropped tensor entries ``wanted`` of version ``vid``."""
+        users = leaf_users(m)
+        paths = tuple(p for i in sorted(set(wanted)) for p in users.get(i, ()))
+        recorded = m["slimmed"]["patterns"]
+        patterns = tuple(
+            p for p in recorded if any(fnmatch.fnmatchcase(path, p) for path in paths)
+        ) or tuple(recorded)
+        holder = None
+        checked = 0
+        for v in reversed(self.versions()):
+            if v.id == vid or set(v.slimmed) & set(patterns):
+                continue
+            checked += 1
+            if checked > 16:  # a listing of 10,000 versions: look at the newest few
+                break
+            try:
+                other = self.manifest(v.id)
+            except CheckpointError:
+                continue
+            gone = {path for i in dropped_entries(other) for path in leaf_users(other).get(i, ())}
+            present = {path for path, _ in iter_data_nodes(other["tree"])} - gone
+            if set(paths) <= present:
+                holder = v.id
+                break
+        hint = only_hint(m)
+        only = repr(hint[0]) if len(hint) == 1 else repr(hint)
+        it = "it" if len(patterns) == 1 else "them"
+        still = (
+            f"version {holder} still has {it}"
+            if holder is not None
+            else f"no other version has {it}"
+        )
+        return SlimmedError(
+            f"version {vid} was slimmed by retention: {', '.join(patterns)} dropped (Keep"
+            f" subtrees); {still}; load only={only} for what version {vid} keeps",
+            version=vid,
+            patterns=patterns,
+            paths=paths,
+            holder=holder,
+        )
 
     def stored_bytes(self) -> int:
         """Bytes of every chunk object in the store (what the store occupies)."""

@@ -7,7 +7,9 @@ Decisions:
   added to the store, markers ``L`` latest / ``B`` best / ``P`` pinned, and
   the retention rules that keep it (``Store.explain()``, with the policy the
   manager recorded; ``-`` means no rule keeps it: the next retention pass
-  deletes it). By default only the monitored metric is shown
+  deletes it), ``slim`` for a version that retention slimmed (or will slim:
+  ``Keep(subtrees=...)`` drops some of its leaves; ``--json`` lists the
+  patterns under ``slimmed``). By default only the monitored metric is shown
   (``--metric``, else the recorded monitor), or every metric when there is
   none or with ``--all-metrics``; more than two metrics share one column.
 * ``--sort metric`` lists the best first; ``--limit N`` then keeps the N
@@ -146,11 +148,17 @@ def _positive(text: str) -> int:
 
 
 # ---------------------------------------------------------------------- ls
-def _kept_text(reasons: tuple[str, ...]) -> str:
-    """Store.explain()'s reasons, shortened: ``best 2 by loss`` -> ``best 2``; ``-``: none."""
+def _kept_text(reasons: tuple[str, ...], slimmed: bool = False) -> str:
+    """Store.explain()'s reasons, shortened: ``best 2 by loss`` -> ``best 2``; ``-``: none.
+
+    The reasons of slimming (``optimizer/** dropped: ...``) become one ``slim``
+    flag, as does a version that ``slimmed`` says retention slimmed already.
+    """
     out = []
     for r in reasons:
-        if r == "no count rule":
+        if " dropped: " in r or r.endswith(" dropped earlier"):
+            slimmed = True
+        elif r == "no count rule":
             out.append("keep all")
         elif r.startswith("best ") and " by " in r:
             out.append(r.split(" by ")[0])
@@ -158,6 +166,8 @@ def _kept_text(reasons: tuple[str, ...]) -> str:
             out.append(r[: -len(" steps")])
         else:
             out.append(r)
+    if slimmed and reasons:
+        out.append("slim")
     return ", ".join(out) if out else "-"
 
 
@@ -204,6 +214,7 @@ def _version_json(
         "best": flags[1],
         "pinned": flags[2],
         "kept_because": list(why.get(v.id, ())),
+        "slimmed": list(v.slimmed),
     }
 
 
@@ -302,7 +313,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             else " ".join(f"{k}={fmt_num(v.metrics[k])}" for k in names if k in v.metrics) or "-",
             fmt_bytes(v.raw_bytes),
             fmt_bytes(v.new_bytes),
-            _kept_text(why.get(v.id, ())),
+            _kept_text(why.get(v.id, ()), bool(v.slimmed)),
         ]
         table.add(*cells)
     table.print()
@@ -357,6 +368,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "nbytes": int(t["nbytes"]),
                 "stored_bytes": stored_share(t, chunks),
                 "chunks": len({s[0] for s in t["spans"]}),
+                "dropped": bool(t.get("dropped")),
             }
         )
     view_rows = [
@@ -400,6 +412,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "n_chunks": len(chunks),
                 **flags,
                 "kept_because": list(why),
+                "slimmed": m.get("slimmed"),
                 "early_stopping": es,
                 "trainer": trainer,
                 "tensors": tensors,
@@ -422,6 +435,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("stored", f"{fmt_bytes(sum(int(c[2]) for c in chunks))} in {len(chunks)} chunks"),
         ("kept because", ", ".join(why) or "no rule (retention would delete it)"),
     ]
+    slimmed = m.get("slimmed")
+    if slimmed:
+        gone = slimmed["dropped"]
+        fields.append(
+            (
+                "slimmed",
+                f"{', '.join(slimmed['patterns'])} dropped by retention ({len(gone)} leaves: "
+                + ", ".join(gone[:5])
+                + (" ..." if len(gone) > 5 else "")
+                + ")",
+            )
+        )
     meta = m.get("meta", {})
     if meta:
         fields.append(("meta", json.dumps(meta, separators=(", ", ": "))))
@@ -463,12 +488,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     for t in tensors:
         path = t["path"] + (" (pickle)" if t["kind"] == "pickle" else "")
+        path += " (dropped)" if t["dropped"] else ""
         table.add(
             path or "<root>",
             t["dtype"],
             _shape_text(t["shape"]),
             fmt_bytes(t["nbytes"]),
-            fmt_bytes(t["stored_bytes"]),
+            "-" if t["dropped"] else fmt_bytes(t["stored_bytes"]),
             t["chunks"],
         )
     for x in view_rows:

@@ -2,13 +2,19 @@
 
 ``gc`` decisions:
 
-* With a rule (``--keep-last N``, ``--keep-best K``, ``--keep-every N``) it
-  applies that retention policy now (:meth:`ckpt.Store.apply_retention`):
-  versions no rule keeps are deleted, then the chunks only they used. The
-  latest version, the best one (by ``--metric``/``--mode``, else the
-  recorded monitor) and pinned versions are never deleted. It then sweeps
-  chunks that no version references (debris of interrupted saves).
-  Without a rule it only sweeps (:meth:`ckpt.Store.gc`).
+* With a rule (``--keep-last N``, ``--keep-best K``, ``--keep-every N``,
+  ``--keep-every-seconds S``) it applies that retention policy now
+  (:meth:`ckpt.Store.apply_retention`): versions no rule keeps are deleted,
+  then the chunks only they used. The latest version, the best one (by
+  ``--metric``/``--mode``, else the recorded monitor) and pinned versions are
+  never deleted. ``--keep-without-metrics`` (with ``--keep-best``) also keeps
+  versions without the metric. ``--slim 'GLOB=RULE[,RULE]'`` (repeatable;
+  RULE is ``last:N``, ``best:K``, ``every:N`` or ``seconds:S``) slims the
+  kept versions that RULE does not keep: the leaves matching GLOB are
+  dropped (``Keep(subtrees=...)``), never from the latest, the best or a
+  pinned version. It then sweeps chunks that no version references (debris
+  of interrupted saves). Without a rule it only sweeps (:meth:`ckpt.Store.gc`).
+  ``--slim`` alone keeps every version and only slims.
 * ``--dry-run`` lists what would go and changes nothing (exit 0).
 * Otherwise it lists what would go and asks for confirmation when stdin
   and stderr are a terminal; ``--yes`` skips the question. A run that is
@@ -27,6 +33,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +54,16 @@ def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
         formatter_class=formatter,
         help="delete versions a retention rule does not keep, and unreferenced chunks",
         description="Apply a retention rule now (keep the last N, the best K, every N"
-        " steps) and delete unreferenced chunks; without a rule only the chunks. The latest,"
-        " the best and pinned versions are never deleted. Asks before deleting unless --yes;"
-        " a non-interactive run without --yes deletes nothing and exits with status 1.",
+        " steps, every S seconds; slim old versions with --slim) and delete unreferenced"
+        " chunks; without a rule only the chunks. The latest, the best and pinned versions are"
+        " never deleted nor slimmed. Asks before deleting unless --yes; a non-interactive run"
+        " without --yes deletes nothing and exits with status 1.",
         epilog="examples:\n"
         "  ckpt gc runs/exp1 --dry-run                      unreferenced chunks only\n"
         "  ckpt gc runs/exp1 --keep-last 3 --keep-best 2 --dry-run\n"
-        "  ckpt gc runs/exp1 --keep-last 3 --yes",
+        "  ckpt gc runs/exp1 --keep-last 3 --yes\n"
+        "  ckpt gc runs/exp1 --keep-every-seconds 3600 --keep-last 5 --yes\n"
+        "  ckpt gc runs/exp1 --keep-last 5 --slim 'optimizer/**=last:1' --yes",
     )
     p.add_argument("store", help="path of the store")
     p.add_argument("--keep-last", type=_positive, metavar="N", help="keep the N newest versions")
@@ -62,6 +72,25 @@ def register(sub: Any, common: argparse.ArgumentParser, formatter: Any) -> None:
     )
     p.add_argument(
         "--keep-every", type=_positive, metavar="N", help="keep versions whose step is a multiple"
+    )
+    p.add_argument(
+        "--keep-every-seconds",
+        type=_seconds,
+        metavar="S",
+        help="keep a version when S seconds passed since the previous one this rule kept",
+    )
+    p.add_argument(
+        "--keep-without-metrics",
+        action="store_true",
+        help="with --keep-best: also keep versions that lack the metric (or have NaN)",
+    )
+    p.add_argument(
+        "--slim",
+        type=_slim_rule,
+        action="append",
+        metavar="GLOB=RULES",
+        help="drop the leaves matching GLOB from kept versions that RULES (last:N, best:K,"
+        " every:N, seconds:S; comma-separated) do not keep; repeatable",
     )
     add_metric_options(p)
     p.add_argument("--dry-run", "-n", action="store_true", help="only list what would be deleted")
@@ -97,6 +126,40 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return x
+
+
+_SLIM_RULES = {"last": "last", "best": "best", "every": "every_n_steps", "seconds": "every_seconds"}
+
+
+def _slim_rule(text: str) -> tuple[str, Keep]:
+    """``GLOB=RULE[,RULE...]`` -> (GLOB, the inner Keep)."""
+    pattern, eq, rules = text.rpartition("=")
+    if not eq or not pattern or not rules:
+        raise argparse.ArgumentTypeError(
+            f"expected GLOB=RULES (e.g. 'optimizer/**=last:1'), got {text!r}"
+        )
+    fields: dict[str, Any] = {}
+    for rule in rules.split(","):
+        name, colon, value = rule.strip().partition(":")
+        if name not in _SLIM_RULES or not colon:
+            raise argparse.ArgumentTypeError(
+                f"unknown rule {rule!r} in {text!r}; use last:N, best:K, every:N or seconds:S"
+            )
+        fields[_SLIM_RULES[name]] = _seconds(value) if name == "seconds" else _positive(value)
+    try:
+        return pattern, Keep(**fields)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # ---------------------------------------------------------------------- gc
 @dataclass(frozen=True)
 class _Plan:
@@ -107,30 +170,34 @@ class _Plan:
     chunks: int
     chunk_bytes: int
     kept: dict[int, tuple[str, ...]]
+    slimmed: tuple[int, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.versions and not self.chunks
+        return not self.versions and not self.chunks and not self.slimmed
 
 
 def _plan(store: Store, keep: Keep | None, metric: str | None, mode: str) -> _Plan:
     """What gc would delete: versions (and their chunks), then unreferenced chunks."""
     deleted: tuple[int, ...] = ()
+    slimmed: tuple[int, ...] = ()
     freed = 0
     kept: dict[int, tuple[str, ...]] = {}
     if keep is not None:
         result = store.apply_retention(keep, monitor=metric, mode=mode, dry_run=True)
         deleted, freed, kept = result.deleted, result.freed_bytes, dict(result.kept)
+        slimmed = result.slimmed
     referenced: set[str] = set()
     for v in store.versions():
         referenced.update(store.chunk_map(v.id))
     garbage = [n for oid, n in _core.list_objects(store.root) if oid not in referenced]
-    return _Plan(deleted, freed, len(garbage), sum(garbage), kept)
+    return _Plan(deleted, freed, len(garbage), sum(garbage), kept, slimmed)
 
 
 def _plan_json(plan: _Plan) -> dict[str, Any]:
     return {
         "versions": list(plan.versions),
+        "slimmed": list(plan.slimmed),
         "version_bytes": plan.version_bytes,
         "unreferenced_chunks": plan.chunks,
         "unreferenced_bytes": plan.chunk_bytes,
@@ -140,11 +207,18 @@ def _plan_json(plan: _Plan) -> dict[str, Any]:
 
 def _describe(plan: _Plan, verb: str) -> list[str]:
     lines = []
-    if plan.versions:
-        ids = ", ".join(map(str, plan.versions[:20])) + (" ..." if len(plan.versions) > 20 else "")
-        lines.append(
-            f"{verb} {len(plan.versions)} versions ({ids}), freeing {fmt_bytes(plan.version_bytes)}"
-        )
+
+    def ids_of(ids: tuple[int, ...]) -> str:
+        return ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+
+    if plan.versions or plan.slimmed:
+        parts = []
+        if plan.versions:
+            parts.append(f"{verb} {len(plan.versions)} versions ({ids_of(plan.versions)})")
+        if plan.slimmed:
+            slim = "would slim" if verb.startswith("would") else "slimmed"
+            parts.append(f"{slim} {len(plan.slimmed)} versions ({ids_of(plan.slimmed)})")
+        lines.append(f"{', '.join(parts)}, freeing {fmt_bytes(plan.version_bytes)}")
     if plan.chunks:
         lines.append(
             f"{verb} {plan.chunks} unreferenced chunks, freeing {fmt_bytes(plan.chunk_bytes)}"
@@ -154,14 +228,27 @@ def _describe(plan: _Plan, verb: str) -> list[str]:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     store = open_store(args.store)
-    rules = (args.keep_last, args.keep_best, args.keep_every)
+    rules = (args.keep_last, args.keep_best, args.keep_every, args.keep_every_seconds)
     keep = None
-    if any(r is not None for r in rules):
-        keep = Keep(last=args.keep_last, best=args.keep_best, every_n_steps=args.keep_every)
+    if args.keep_without_metrics and args.keep_best is None:
+        raise CliError("--keep-without-metrics needs --keep-best", EXIT_USAGE)
+    if any(r is not None for r in rules) or args.slim:
+        keep = Keep(
+            last=args.keep_last,
+            best=args.keep_best,
+            every_n_steps=args.keep_every,
+            every_seconds=args.keep_every_seconds,
+            without_metrics=args.keep_without_metrics,
+            subtrees=dict(args.slim) if args.slim else None,
+        )
     monitor = monitor_of(store, args.metric, args.mode)
-    if args.keep_best is not None and monitor.metric is None:
+    needs_metric = args.keep_best is not None or any(
+        inner.best is not None for _, inner in args.slim or ()
+    )
+    if needs_metric and monitor.metric is None:
         raise CliError(
-            "--keep-best needs a metric: the store records no monitor; pass --metric NAME",
+            "--keep-best needs a metric (so does a best: rule of --slim): the store records no"
+            " monitor; pass --metric NAME",
             EXIT_USAGE,
         )
     plan = _plan(store, keep, monitor.metric, monitor.mode or "min")
@@ -204,16 +291,20 @@ def _apply(
     between what was confirmed and what is deleted.
     """
     with store._writer():
-        if checked and _plan(store, keep, metric, mode).versions != plan.versions:
-            raise CliError("the store changed since the listing; nothing deleted, run gc again")
+        if checked:
+            again = _plan(store, keep, metric, mode)
+            if (again.versions, again.slimmed) != (plan.versions, plan.slimmed):
+                raise CliError("the store changed since the listing; nothing deleted, run gc again")
         deleted: tuple[int, ...] = ()
+        slimmed: tuple[int, ...] = ()
         freed = 0
         kept: dict[int, tuple[str, ...]] = {}
         if keep is not None:
             result = store.apply_retention(keep, monitor=metric, mode=mode)
             deleted, freed, kept = result.deleted, result.freed_bytes, dict(result.kept)
+            slimmed = result.slimmed
         swept = store.gc()
-    return _Plan(deleted, freed, swept.deleted_objects, swept.freed_bytes, kept)
+    return _Plan(deleted, freed, swept.deleted_objects, swept.freed_bytes, kept, slimmed)
 
 
 # -------------------------------------------------------------------- pins
