@@ -434,3 +434,28 @@ def test_each_decision_is_logged_at_info(tmp_path: Path, caplog: pytest.LogCaptu
     assert "step 1: skipped by the schedule (last version at step 0)" in text
     assert "step 2: stopping: loss did not improve" in text
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "ckpt.manager")
+
+
+# ------------------------------------------------- retention that slims
+def test_resume_never_lands_on_a_slimmed_version_when_a_full_one_exists(tmp_path: Path) -> None:
+    keep = ckpt.Keep(last=3, subtrees={"optimizer/**": ckpt.Keep(last=1)})
+    with ckpt.CheckpointManager(str(tmp_path / "s"), monitor="loss", keep=keep) as mgr:
+        for step in range(5):  # loss rises: the best is step 0, kept whole
+            tree = {"model": state(step), "optimizer": {"m": np.full(4000, step, np.float32)}}
+            mgr.save(step, tree, metrics={"loss": float(step)})
+    store = ckpt.Store(tmp_path / "s", create=False)
+    assert [(v.step, bool(v.slimmed)) for v in store.versions()] == [
+        (0, False), (2, True), (3, True), (4, False),
+    ]  # fmt: skip
+    latest = store.manifest("latest")
+    own = {c[0] for c in latest["chunks"]} - {
+        c[0] for v in store.versions()[:-1] for c in store.manifest(v.id)["chunks"]
+    }
+    for cid in own:  # damage what only the newest version holds
+        path = tmp_path / "s" / "objects" / cid[:2] / cid[2:]
+        path.write_bytes(b"x" + path.read_bytes()[1:])
+    mgr = ckpt.CheckpointManager(str(tmp_path / "s"), monitor="loss", keep=keep)
+    with pytest.warns(RuntimeWarning, match="resuming from version 1 \\(step 0\\)"):
+        tree = mgr.restore_latest(fallback=True)
+    assert tree["model"]["i"] == 0 and tree["optimizer"]["m"][0] == 0  # whole, not slimmed
+    assert mgr.next_step == 1

@@ -548,7 +548,7 @@ class CheckpointManager:
         damaged: list[tuple[Version, CheckpointError]] = []
         candidates = list(reversed(versions if fallback else versions[-1:]))
         # resume never lands on a version retention slimmed when a full one exists
-        full = [v for v in candidates if not getattr(v, "slimmed", ())]
+        full = [v for v in candidates if not v.slimmed]
         for candidate in full or candidates:
             try:
                 tree = self.store.load(candidate, into=into)
