@@ -131,7 +131,7 @@ def test_gc_keep_every_seconds_and_without_metrics(
     mixed = ckpt.Store(tmp_path / "m", durable=False)
     for i, loss in enumerate([0.5, None, 0.2, None, 0.9]):
         mixed.save({"w": np.full(10, i)}, metrics=None if loss is None else {"loss": loss})
-    args = ("gc", mixed.root, "--keep-best", "1", "--metric", "loss", "-n")
+    args = ("gc", mixed.root, "--keep-best", "1", "--metric", "loss", "--mode", "min", "-n")
     assert ckpt_json(capsys, *args)["versions"] == [1, 2, 4]
     data = ckpt_json(capsys, *args, "--keep-without-metrics")
     assert data["versions"] == [1] and data["kept"]["2"] == data["kept"]["4"] == ["no metric"]

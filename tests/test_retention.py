@@ -163,6 +163,7 @@ def test_every_seconds_on_a_store(store: ckpt.Store, monkeypatch: pytest.MonkeyP
 
     minutes = [0, 30, 59, 60, 90, 150]
     _Clock.script = [T0 + timedelta(minutes=m) for m in minutes]
+    store.create()  # the marker's time is not one of the script's
     monkeypatch.setattr(store_module, "datetime", _Clock)
     for i in range(len(minutes)):
         store.save({"x": np.full(10, i)}, step=i)
