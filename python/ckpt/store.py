@@ -886,7 +886,7 @@ class Store:
                 "time": manifest["created"],
             }
             try:
-                append_history(self.root, [*history, {**own, "version": new_id}], self.durable)
+                append_history(self.root, [*history, {**own, "version": new_id}])
             except OSError as exc:  # the version is committed: a lost history line is no failure
                 log.warning("%s: metric history not written: %s", self.root, exc)
         return version
@@ -902,7 +902,7 @@ class Store:
         the metric history, under the writer lock, without a version."""
         if records:
             with self._writer():
-                append_history(self.root, [{**r, "version": None} for r in records], self.durable)
+                append_history(self.root, [{**r, "version": None} for r in records])
 
     def _parent_chunks(
         self,
