@@ -459,3 +459,32 @@ def test_resume_never_lands_on_a_slimmed_version_when_a_full_one_exists(tmp_path
         tree = mgr.restore_latest(fallback=True)
     assert tree["model"]["i"] == 0 and tree["optimizer"]["m"][0] == 0  # whole, not slimmed
     assert mgr.next_step == 1
+
+
+def test_the_golden_manager_store_loads_bit_exact_and_resumes(tmp_path: Path) -> None:
+    """A store written by the code before this rework (tests/data/make_golden_manager.py)."""
+    sys.path.insert(0, str(HERE / "data"))
+    import make_golden_manager as made
+    from treecmp import assert_same
+
+    root = tmp_path / "g"
+    shutil.copytree(GOLDEN, root)
+    store = ckpt.Store(root, create=False)
+    trees = made.run_trees()
+    assert [v.step for v in store.versions()] == [2, 3, 4]
+    for v in store.versions():
+        assert v.step is not None
+        assert_same(store.load(v), trees[v.step])
+    assert all(r.ok for r in store.verify())
+    mgr = ckpt.CheckpointManager(
+        str(root),
+        monitor="acc",
+        mode="max",
+        early_stopping=ckpt.EarlyStopping(patience=made.PATIENCE),
+        keep=ckpt.Keep(last=2, best=1),
+    )
+    assert_same(mgr.restore_latest(), trees[4])
+    assert mgr.should_stop and mgr.next_step == 5  # it had stopped at step 4
+    assert mgr.early_stopping is not None and mgr.early_stopping.best == 0.75
+    assert mgr.save(5, trees[4], metrics={"acc": 0.9})  # stopped: nothing more is written
+    assert [v.id for v in store.versions()] == [3, 4, 5]
