@@ -110,7 +110,8 @@ def main() -> None:
         print(f"| listing of {args.versions} versions | median s | min s |")
         print("|---|---|---|")
         print(f"| store.versions() (cache) | {statistics.median(cached):.4f} | {min(cached):.4f} |")
-        print(f"| store.best('loss', 'min') (cache) | {statistics.median(best):.4f} | {min(best):.4f} |")
+        bm = statistics.median(best)
+        print(f"| store.best('loss', 'min') (cache) | {bm:.4f} | {min(best):.4f} |")
         rb = statistics.median(rebuilt)
         print(f"| versions() rebuilding the cache | {rb:.4f} | {min(rebuilt):.4f} |")
         if steady:
